@@ -1,0 +1,23 @@
+"""Typed, frozen config schemas and their validation (no Hydra/OmegaConf in here)."""
+from tidal.config.convert import ConfigError, allowed_keys, fingerprint, from_dict, to_dict
+from tidal.config.schema import (
+    DataConfig,
+    LoggerConfig,
+    ModelConfig,
+    OptimConfig,
+    PrepareConfig,
+    PretrainConfig,
+    RunConfig,
+    ScalingConfig,
+    ScheduleConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
+from tidal.config.validate import validate_prepare, validate_pretrain
+
+__all__ = [
+    "ConfigError", "allowed_keys", "fingerprint", "from_dict", "to_dict",
+    "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "PrepareConfig",
+    "PretrainConfig", "RunConfig", "ScalingConfig", "ScheduleConfig", "TokenizerConfig",
+    "TrainConfig", "validate_prepare", "validate_pretrain",
+]

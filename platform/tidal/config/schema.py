@@ -1,0 +1,146 @@
+"""Typed, frozen configuration schemas.
+
+Every job's configuration is a tree of these dataclasses. Jobs compose YAML with Hydra and
+turn the result into these objects with :func:`tidal.config.from_dict`, which checks keys,
+types and ranges; the library and Ray workers only ever see the frozen objects.
+
+Defaults here describe the CPU "tiny" preset so that a bare ``PretrainConfig()`` is a
+runnable configuration; the YAML presets in ``conf/`` override them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A causal LM, built from an architecture config or loaded from a local HF directory."""
+
+    name: str = "tiny"
+    arch: str = "llama"  # llama | qwen2 | mistral
+    pretrained: Optional[str] = None  # local HF checkpoint directory; overrides the shape below
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 688
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """A local HF tokenizer directory, or a byte-level BPE trained on the corpus."""
+
+    path: Optional[str] = None
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    train_max_chars: int = 20_000_000
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Sources to tokenize, pack and shard (see ``jobs/prepare.py``)."""
+
+    name: str = "pydocs"
+    # "embedded:pydocs" (text shipped with Python), or local paths / globs / directories,
+    # or s3:// and gs:// URIs.
+    sources: List[str] = field(default_factory=lambda: ["embedded:pydocs"])
+    format: str = "auto"  # auto | text | jsonl | parquet
+    text_field: str = "text"
+    text_unit: str = "paragraph"  # for plain text: file | paragraph | line
+    min_chars: int = 1
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    shard_samples: int = 2048
+    seed: int = 0
+    # Where shards go; empty means <run.output_dir>/data/<name>-<config hash>.
+    output_dir: Optional[str] = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    fused: Optional[bool] = None  # None: fused where the device supports it
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule; ``name`` is a key of ``tidal.optim.schedules.SCHEDULES``."""
+
+    name: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # WSD: share of training spent in the final decay
+    power: float = 1.0  # polynomial decay exponent
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    workers: int = 2
+    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: int = 1
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: bool = False
+    max_failures: int = 0  # Ray Train FailureConfig retries
+
+
+@dataclass(frozen=True)
+class LoggerConfig:
+    wandb: bool = True
+    wandb_mode: str = "auto"  # auto (online only with an API key) | offline | online | disabled
+    project: str = "tidal"
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    progress: bool = True  # live progress bar on the driver
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 200
+    global_batch_tokens: int = 16384
+    micro_batch_size: int = 8  # sequences per worker per forward/backward
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 1234
+    deterministic: bool = False
+    export_hf: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "pretrain"
+    output_dir: str = "outputs"  # local run directory root: config, run card, metrics, plots
+    storage_path: Optional[str] = None  # checkpoints; local dir or s3:// / gs://. Default output_dir
+    resume_from: Optional[str] = None  # a checkpoint directory to start from
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="prepare"))

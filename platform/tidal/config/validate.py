@@ -1,0 +1,144 @@
+"""Range and consistency checks, run by every job before any Ray work starts."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import List
+
+from tidal.config.convert import ConfigError
+from tidal.config.schema import DataConfig, PrepareConfig, PretrainConfig
+
+_CLOUD = ("s3://", "gs://", "gcs://")
+ALLOWED = {
+    "model.arch": ("llama", "qwen2", "mistral"),
+    "data.format": ("auto", "text", "jsonl", "parquet"),
+    "data.text_unit": ("file", "paragraph", "line"),
+    "scaling.precision": ("auto", "fp32", "bf16"),
+    "logger.wandb_mode": ("auto", "offline", "online", "disabled"),
+}
+
+
+def _choice(problems: List[str], key: str, value: str) -> None:
+    if value not in ALLOWED[key]:
+        problems.append(f"{key}: '{value}' is not one of {', '.join(ALLOWED[key])}")
+
+
+def _check(problems: List[str], ok: bool, key: str, rule: str, value) -> None:
+    if not ok:
+        problems.append(f"{key}: must be {rule}, got {value!r}")
+
+
+def source_exists(src: str) -> bool:
+    """Whether a data source can be found (cloud URIs are checked when read)."""
+    if src.startswith("embedded:") or src.startswith(_CLOUD):
+        return True
+    return bool(glob.glob(os.path.expanduser(src))) or os.path.exists(os.path.expanduser(src))
+
+
+def check_data(d: DataConfig, problems: List[str]) -> None:
+    from tidal.data.corpus import EMBEDDED
+
+    _check(problems, len(d.sources) > 0, "data.sources", "a non-empty list", d.sources)
+    for i, src in enumerate(d.sources):
+        if src.startswith("embedded:") and src.split(":", 1)[1] not in EMBEDDED:
+            problems.append(f"data.sources[{i}]: unknown embedded corpus '{src}'; "
+                            f"allowed: {', '.join('embedded:' + k for k in EMBEDDED)}")
+        elif not source_exists(src):
+            problems.append(f"data.sources[{i}]: path '{src}' does not exist")
+    _choice(problems, "data.format", d.format)
+    _choice(problems, "data.text_unit", d.text_unit)
+    _check(problems, d.seq_len >= 8, "data.seq_len", ">= 8", d.seq_len)
+    _check(problems, 0.0 < d.val_fraction <= 0.5, "data.val_fraction", "in (0, 0.5]", d.val_fraction)
+    _check(problems, d.shard_samples >= 1, "data.shard_samples", ">= 1", d.shard_samples)
+    _check(problems, d.min_chars >= 1, "data.min_chars", ">= 1", d.min_chars)
+    t = d.tokenizer
+    if t.path is not None and not os.path.isdir(os.path.expanduser(t.path)):
+        problems.append(f"data.tokenizer.path: directory '{t.path}' does not exist")
+    _check(problems, 256 < t.vocab_size <= 1_000_000, "data.tokenizer.vocab_size",
+           "in (256, 1000000] (byte-level BPE needs the 256 bytes plus merges)", t.vocab_size)
+
+
+def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
+    """Raise ConfigError listing every out-of-range or inconsistent value; else return cfg."""
+    from tidal.optim import OPTIMIZERS, SCHEDULES
+
+    p: List[str] = []
+    m, o, s, sc, t, r = cfg.model, cfg.optim, cfg.schedule, cfg.scaling, cfg.train, cfg.run
+    _choice(p, "model.arch", m.arch)
+    if m.pretrained is not None and not os.path.isdir(os.path.expanduser(m.pretrained)):
+        p.append(f"model.pretrained: directory '{m.pretrained}' does not exist")
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        _check(p, getattr(m, key) >= 1, f"model.{key}", ">= 1", getattr(m, key))
+    if m.num_heads >= 1 and m.hidden_size % m.num_heads:
+        p.append(f"model.hidden_size: {m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
+    if m.num_kv_heads >= 1 and m.num_heads % m.num_kv_heads:
+        p.append(f"model.num_heads: {m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
+    _check(p, m.max_position_embeddings >= cfg.data.seq_len, "model.max_position_embeddings",
+           f">= data.seq_len ({cfg.data.seq_len})", m.max_position_embeddings)
+    check_data(cfg.data, p)
+
+    if o.name not in OPTIMIZERS:
+        p.append(f"optim.name: '{o.name}' is not one of {', '.join(sorted(OPTIMIZERS))}")
+    _check(p, o.lr > 0, "optim.lr", "> 0", o.lr)
+    _check(p, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+           "two values in [0, 1)", o.betas)
+    _check(p, o.eps > 0, "optim.eps", "> 0", o.eps)
+    _check(p, o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    _check(p, o.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 disables clipping)", o.grad_clip)
+
+    if s.name not in SCHEDULES:
+        p.append(f"schedule.name: '{s.name}' is not one of {', '.join(sorted(SCHEDULES))}")
+    _check(p, 0 <= s.warmup_steps <= t.max_steps, "schedule.warmup_steps",
+           f"in [0, train.max_steps={t.max_steps}]", s.warmup_steps)
+    _check(p, 0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "in [0, 1]", s.min_lr_ratio)
+    _check(p, 0 < s.decay_fraction <= 1, "schedule.decay_fraction", "in (0, 1]", s.decay_fraction)
+    _check(p, s.power > 0, "schedule.power", "> 0", s.power)
+
+    _check(p, sc.workers >= 1, "scaling.workers", ">= 1", sc.workers)
+    _check(p, sc.cpus_per_worker >= 1, "scaling.cpus_per_worker", ">= 1", sc.cpus_per_worker)
+    _check(p, sc.max_failures >= -1, "scaling.max_failures", ">= -1 (-1: retry forever)", sc.max_failures)
+    _choice(p, "scaling.precision", sc.precision)
+    _choice(p, "logger.wandb_mode", cfg.logger.wandb_mode)
+
+    _check(p, t.max_steps >= 1, "train.max_steps", ">= 1", t.max_steps)
+    _check(p, t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1", t.micro_batch_size)
+    _check(p, t.global_batch_tokens >= 1, "train.global_batch_tokens", ">= 1", t.global_batch_tokens)
+    _check(p, t.eval_every >= 1, "train.eval_every", ">= 1", t.eval_every)
+    _check(p, t.eval_batches >= 1, "train.eval_batches", ">= 1", t.eval_batches)
+    _check(p, t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
+    _check(p, t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only at the end)",
+           t.checkpoint_every)
+    _check(p, t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
+    if t.global_batch_tokens >= 1 and cfg.data.seq_len >= 8:
+        if t.global_batch_tokens % cfg.data.seq_len:
+            p.append(f"train.global_batch_tokens: {t.global_batch_tokens} must be a multiple of "
+                     f"data.seq_len={cfg.data.seq_len}")
+        elif sc.workers >= 1 and t.micro_batch_size >= 1:
+            samples = t.global_batch_tokens // cfg.data.seq_len
+            per_step = sc.workers * t.micro_batch_size
+            if samples % per_step:
+                p.append(f"train.global_batch_tokens: {samples} sequences per step are not divisible "
+                         f"by scaling.workers x train.micro_batch_size = {per_step}; allowed: a "
+                         f"multiple of {per_step * cfg.data.seq_len} tokens")
+    _check_run(r, p)
+    if p:
+        raise ConfigError(p)
+    return cfg
+
+
+def _check_run(r, p: List[str]) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name or ""):
+        p.append(f"run.name: '{r.name}' must be letters, digits, '.', '_' or '-'")
+    if r.resume_from is not None and not r.resume_from.startswith(_CLOUD) \
+            and not os.path.isdir(os.path.expanduser(r.resume_from)):
+        p.append(f"run.resume_from: checkpoint directory '{r.resume_from}' does not exist")
+
+
+def validate_prepare(cfg: PrepareConfig) -> PrepareConfig:
+    p: List[str] = []
+    check_data(cfg.data, p)
+    _check_run(cfg.run, p)
+    if p:
+        raise ConfigError(p)
+    return cfg

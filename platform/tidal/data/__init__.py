@@ -1,0 +1,1 @@
+"""Sources -> documents -> tokenize -> pack -> shards; and the global-cursor loader."""

@@ -1,0 +1,97 @@
+"""Local paths and cloud URIs (s3://, gs://) behind one pyarrow filesystem interface."""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import os
+import posixpath
+from typing import List, Tuple
+
+import numpy as np
+import pyarrow.fs as pafs
+
+CLOUD_PREFIXES = ("s3://", "gs://", "gcs://")
+
+
+def is_cloud(uri: str) -> bool:
+    return uri.startswith(CLOUD_PREFIXES)
+
+
+def resolve(uri: str) -> Tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it for a local path or a cloud URI."""
+    if is_cloud(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    return posixpath.join(uri, *parts) if is_cloud(uri) else os.path.join(uri, *parts)
+
+
+def expand(uri: str) -> List[str]:
+    """Expand a file, directory (recursively) or glob into a sorted list of file URIs/paths."""
+    fs, path = resolve(uri)
+    scheme = uri.split("://", 1)[0] + "://" if is_cloud(uri) else ""
+    has_glob = any(c in path for c in "*?[")
+    base = path
+    if has_glob:
+        base = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.File and not has_glob:
+        return [uri]
+    if info.type != pafs.FileType.Directory:
+        return []
+    found = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    files = sorted(f.path for f in found if f.type == pafs.FileType.File
+                   and not posixpath.basename(f.path).startswith("."))
+    if has_glob:
+        files = [f for f in files if fnmatch.fnmatch(f, path)]
+    return [scheme + f for f in files]
+
+
+def sha256_file(uri: str, chunk: int = 1 << 20) -> Tuple[str, int]:
+    fs, path = resolve(uri)
+    h, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+            size += len(b)
+    return h.hexdigest(), size
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(posixpath.dirname(path) if is_cloud(uri) else os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def save_npy(uri: str, arr: np.ndarray) -> str:
+    """Write ``arr`` as .npy and return its sha256."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    data = buf.getvalue()
+    write_bytes(uri, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_npy(uri: str) -> np.ndarray:
+    """Memory-map a local .npy; read a remote one whole."""
+    if not is_cloud(uri):
+        return np.load(uri, mmap_mode="r", allow_pickle=False)
+    return np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False)

@@ -1,0 +1,177 @@
+"""The data preparation pipeline: sources -> documents -> tokenize -> pack -> shards + manifest.
+
+Reading and tokenizing run as Ray Data stages (parallel, streaming); packing runs on the
+driver over the ordered stream, which keeps the output byte-identical from run to run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from functools import lru_cache
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from tidal.config import DataConfig, fingerprint, to_dict
+from tidal.data import io as tio
+from tidal.data import sources as srcs
+from tidal.data import tokenizer as toks
+from tidal.data.corpus import embedded_version
+from tidal.data.pack import ShardWriter
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def data_key(cfg: DataConfig) -> str:
+    """The part of the data config that determines the shards' content."""
+    d = to_dict(cfg)
+    d.pop("output_dir")
+    return fingerprint(d, 10)
+
+
+def default_output_dir(cfg: DataConfig, root: str) -> str:
+    return cfg.output_dir or tio.join(root, "data", f"{cfg.name}-{data_key(cfg)}")
+
+
+def is_val(text: str, fraction: float, seed: int) -> bool:
+    """Document-level split by content hash: duplicates land on the same side."""
+    h = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8, key=str(seed).encode())
+    return int.from_bytes(h.digest(), "little") / 2**64 < fraction
+
+
+@lru_cache(maxsize=4)
+def _cached_tokenizer(path: str):
+    return toks.load(path)
+
+
+def tokenize_batch(batch: Dict[str, np.ndarray], tok_path: str, fraction: float, seed: int):
+    """Ray Data ``map_batches`` body: token ids and split flag for each document."""
+    tok = _cached_tokenizer(tok_path)
+    texts = [str(t) for t in batch["text"]]
+    ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return {"ids": np.array([np.asarray(i, dtype=np.int32) for i in ids] + [None], dtype=object)[:-1],
+            "val": np.array([is_val(t, fraction, seed) for t in texts], dtype=bool),
+            "nbytes": np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)}
+
+
+def _hash_inputs(inputs: List[str]) -> List[Dict]:
+    out = []
+    for uri in inputs:
+        if uri.startswith("embedded:"):
+            docs = srcs.EMBEDDED[uri.split(":", 1)[1]]()
+            h = hashlib.sha256()
+            size = 0
+            for sid, text in docs:
+                b = text.encode()
+                h.update(sid.encode() + b"\0" + b)
+                size += len(b)
+            out.append({"uri": uri, "sha256": h.hexdigest(), "bytes": size,
+                        "version": embedded_version()})
+        else:
+            digest, size = tio.sha256_file(uri)
+            out.append({"uri": uri, "sha256": digest, "bytes": size})
+    return out
+
+
+def _tokenizer_dir(cfg: DataConfig, out_dir: str, docs, log) -> str:
+    if cfg.tokenizer.path:
+        return os.path.abspath(os.path.expanduser(cfg.tokenizer.path))
+    path = os.path.join(out_dir, "tokenizer") if not tio.is_cloud(out_dir) else \
+        os.path.join(os.path.expanduser("~/.cache/tidal/tokenizers"), data_key(cfg))
+    log(f"training byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size}) -> {path}")
+    texts = (r["text"] for r in docs.iter_rows()
+             if not r["error"] and not is_val(r["text"], cfg.val_fraction, cfg.seed))
+    toks.train_bpe(texts, cfg.tokenizer, path)
+    return path
+
+
+def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
+    """Run the pipeline and write shards plus ``manifest.json`` into ``out_dir``."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    t0 = time.time()
+    inputs = srcs.list_sources(cfg)
+    if not tio.is_cloud(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+    docs = srcs.documents(cfg, inputs).materialize()
+    tok_dir = _tokenizer_dir(cfg, out_dir, docs, log)
+    tok = toks.load(tok_dir)
+    vocab = len(tok)
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
+    writers = {s: ShardWriter(out_dir, s, cfg.seq_len, cfg.shard_samples, dtype)
+               for s in ("train", "val")}
+    errors: Dict[str, int] = {}
+    error_examples: List[Dict] = []
+    short = 0
+    good = docs.filter(lambda r: not r["error"] and len(r["text"]) >= cfg.min_chars)
+    tokenized = good.map_batches(tokenize_batch, batch_size=256, fn_kwargs={
+        "tok_path": tok_dir, "fraction": cfg.val_fraction, "seed": cfg.seed})
+    for row in docs.filter(lambda r: bool(r["error"]) or len(r["text"]) < cfg.min_chars).iter_rows():
+        if row["error"]:
+            errors[row["error"].split(":")[0]] = errors.get(row["error"].split(":")[0], 0) + 1
+            if len(error_examples) < 20:
+                error_examples.append({k: row[k] for k in ("source", "unit", "error")})
+        else:
+            short += 1
+    n_docs = 0
+    for batch in tokenized.iter_batches(batch_size=512, batch_format="numpy"):
+        for ids, val, nbytes in zip(batch["ids"], batch["val"], batch["nbytes"]):
+            writers["val" if val else "train"].add(ids.tolist(), tok.eos_token_id, int(nbytes))
+            n_docs += 1
+    train, val = writers["train"], writers["val"]
+    if not val.shards and len(val.pending_samples()) == 0 and len(train.pending_samples()) >= 2:
+        move = max(1, round(cfg.val_fraction * len(train.pending_samples())))
+        val.add_samples(train.take_pending(move))
+    stats = {"train": train.close(), "val": val.close()}
+    if stats["train"]["samples"] == 0 or stats["val"]["samples"] == 0:
+        raise ValueError(f"data '{cfg.name}': too little text for seq_len={cfg.seq_len}: "
+                         f"{stats['train']['samples']} train / {stats['val']['samples']} val samples")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": cfg.name,
+        "data_key": data_key(cfg),
+        "inputs": _hash_inputs(inputs),
+        "tokenizer": {"path": _relative(tok_dir, out_dir), "sha256": toks.tokenizer_hash(tok_dir), "vocab_size": vocab,
+                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+        "seq_len": cfg.seq_len,
+        "sample_width": cfg.seq_len + 1,
+        "dtype": np.dtype(dtype).name,
+        "counts": {"records_read": n_docs + short + sum(errors.values()), "documents": n_docs,
+                   "too_short": short, "malformed": errors, "malformed_examples": error_examples,
+                   "train": {k: v for k, v in stats["train"].items() if k != "shards"},
+                   "val": {k: v for k, v in stats["val"].items() if k != "shards"}},
+        "shards": {"train": stats["train"]["shards"], "val": stats["val"]["shards"]},
+        "config": to_dict(cfg),
+    }
+    tio.write_bytes(tio.join(out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
+    log(f"prepared {n_docs} documents -> {stats['train']['samples']} train / "
+        f"{stats['val']['samples']} val samples of {cfg.seq_len + 1} tokens in {time.time() - t0:.1f}s "
+        f"-> {out_dir}")
+    return manifest
+
+
+def _relative(path: str, root: str) -> str:
+    """Paths inside the data directory are stored relative to it (the manifest moves with it)."""
+    if not tio.is_cloud(root) and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
+        return os.path.relpath(path, root)
+    return path
+
+
+def tokenizer_path(manifest: Dict, data_dir: str) -> str:
+    path = manifest["tokenizer"]["path"]
+    return path if os.path.isabs(path) else os.path.join(data_dir, path)
+
+
+def load_manifest(out_dir: str) -> Optional[Dict]:
+    uri = tio.join(out_dir, MANIFEST)
+    if not tio.exists(uri):
+        return None
+    return json.loads(tio.read_bytes(uri))
+
+
+def manifest_hash(manifest: Dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,82 @@
+"""Build or load Hugging Face causal LMs as plain ``nn.Module`` objects.
+
+No distributed code here: parallelism is applied from outside (``tidal.parallel``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tidal.config.schema import ModelConfig
+
+
+def _arch_config_cls(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None):
+    """A transformers config for the architecture and shape in ``cfg``."""
+    if cfg.pretrained:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(os.path.expanduser(cfg.pretrained), local_files_only=True)
+    return _arch_config_cls(cfg.arch)(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=False,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None,
+                seed: int) -> torch.nn.Module:
+    """A randomly initialized model (same weights on every rank for a given seed), or the
+    weights of ``cfg.pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if cfg.pretrained:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(cfg.pretrained), local_files_only=True, dtype=torch.float32,
+            attn_implementation="sdpa")
+    else:
+        conf = hf_config(cfg, vocab_size, eos_id, pad_id)
+        model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model
+
+
+def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
+    """Parameter count (of the full model, also when sharded)."""
+    total = 0
+    emb = set()
+    if exclude_embeddings:
+        emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+               for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in emb:
+            total += p.numel()  # DTensor.numel() is the global size
+    return total
+
+
+def shape_of(model: torch.nn.Module) -> dict:
+    """Layers, width and vocabulary of an HF causal LM (for FLOPs and the run card)."""
+    c = model.config
+    return {"num_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "vocab_size": c.vocab_size, "num_heads": c.num_attention_heads,
+            "arch": c.model_type}

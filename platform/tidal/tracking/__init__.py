@@ -1,0 +1,1 @@
+"""W&B / console / jsonl sinks, the metrics hub, plots and the run card."""

@@ -1,0 +1,20 @@
+"""Console output: the end-of-run summary table."""
+from __future__ import annotations
+
+from typing import Dict
+
+
+def print_summary(title: str, summary: Dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+        elif isinstance(v, int):
+            v = f"{v:,}"
+        table.add_row(k.replace("_", " "), str(v))
+    Console().print(table)

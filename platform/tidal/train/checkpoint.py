@@ -1,0 +1,68 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint directory holds the DCP shards of the model and optimizer (each rank writes
+its own ``__<rank>_0.distcp``; rank 0 the ``.metadata``), ``trainer_state.json`` (step,
+loader cursor, tokens seen, world size, fingerprints) and per-rank RNG states. Everything
+loads with ``weights_only`` semantics: tensors, numbers and JSON, never pickled objects.
+DCP reshards on load, so a checkpoint written by N workers loads into M.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from tidal.train.engine import Engine
+
+STATE_FILE = "trainer_state.json"
+
+
+def _rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save(engine: Engine, path: str, meta: Dict) -> None:
+    """Write this rank's part of the checkpoint into ``path`` (a per-rank local dir is fine:
+    Ray Train merges the workers' directories in storage)."""
+    os.makedirs(path, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    os.makedirs(os.path.join(path, "rng"), exist_ok=True)
+    torch.save(_rng_state(engine.device), os.path.join(path, "rng", f"rank_{engine.rank}.pt"))
+    if engine.rank == 0:
+        state = {"step": engine.step, "cursor": engine.cursor, "tokens_seen": engine.tokens_seen,
+                 "world_size": engine.world, **meta}
+        with open(os.path.join(path, STATE_FILE), "w") as f:
+            json.dump(state, f, indent=2)
+
+
+def read_state(path: str) -> Dict:
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def load(engine: Engine, path: str) -> Dict:
+    """Restore model, optimizer, counters and (when the rank existed) RNG from ``path``."""
+    model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(engine.model, engine.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    meta = read_state(path)
+    engine.step, engine.cursor, engine.tokens_seen = meta["step"], meta["cursor"], meta["tokens_seen"]
+    rng_file = os.path.join(path, "rng", f"rank_{engine.rank}.pt")
+    if os.path.exists(rng_file):
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and engine.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], engine.device)
+    else:  # a new rank after a resize: derive its stream from the seed and the step
+        torch.manual_seed(engine.cfg.train.seed * 1_000_003 + engine.step * 101 + engine.rank)
+    return meta
