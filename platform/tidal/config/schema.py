@@ -107,7 +107,8 @@ class LoggerConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 200
+    max_steps: int = 200  # the schedule's length
+    stop_at_step: Optional[int] = None  # stop early (with a checkpoint), schedule unchanged
     global_batch_tokens: int = 16384
     micro_batch_size: int = 8  # sequences per worker per forward/backward
     eval_every: int = 50

@@ -102,6 +102,9 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     _choice(p, "logger.wandb_mode", cfg.logger.wandb_mode)
 
     _check(p, t.max_steps >= 1, "train.max_steps", ">= 1", t.max_steps)
+    if t.stop_at_step is not None:
+        _check(p, 1 <= t.stop_at_step <= t.max_steps, "train.stop_at_step",
+               f"in [1, train.max_steps={t.max_steps}] or null", t.stop_at_step)
     _check(p, t.micro_batch_size >= 1, "train.micro_batch_size", ">= 1", t.micro_batch_size)
     _check(p, t.global_batch_tokens >= 1, "train.global_batch_tokens", ">= 1", t.global_batch_tokens)
     _check(p, t.eval_every >= 1, "train.eval_every", ">= 1", t.eval_every)

@@ -63,10 +63,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
     t = cfg.train
     val_total, val_forwards = _eval_plan(engine, loader)
-    while engine.step < t.max_steps:
+    end = t.stop_at_step or t.max_steps
+    while engine.step < end:
         metrics = train_step(engine, list(loader.micro_batches(engine.cursor, rank, world,
                                                                t.micro_batch_size)))
-        last = engine.step == t.max_steps
+        last = engine.step == end
         if engine.step % t.eval_every == 0 or last:
             batches = loader.val_batches(val_total, rank, world, t.micro_batch_size)
             metrics.update(evaluate(engine, batches, val_forwards, bytes_per_token))
