@@ -53,7 +53,7 @@ def expand(uri: str) -> List[str]:
 def sha256_file(uri: str, chunk: int = 1 << 20) -> Tuple[str, int]:
     fs, path = resolve(uri)
     h, size = hashlib.sha256(), 0
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         while True:
             b = f.read(chunk)
             if not b:
@@ -72,7 +72,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()
 
 

@@ -1,0 +1,50 @@
+import copy
+import os
+
+import pytest
+
+from tests.conftest import SHARED_DATA
+from tidal.config import PretrainConfig, from_dict, to_dict, validate_pretrain
+
+SHAKESPEARE = os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")
+needs_shakespeare = pytest.mark.skipif(not os.path.exists(SHAKESPEARE),
+                                       reason=f"shared data not found at {SHAKESPEARE}")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def _merge(base: dict, upd: dict) -> dict:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def small_cfg(output_dir, **upd) -> PretrainConfig:
+    """The tiny model on Shakespeare, sized for a 2-core CI machine."""
+    base = to_dict(PretrainConfig())
+    _merge(base, {
+        "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 344},
+        "data": {"name": "tinyshakespeare", "sources": [SHAKESPEARE], "seq_len": 128,
+                 "tokenizer": {"vocab_size": 2048}},
+        "optim": {"lr": 3e-3},
+        "schedule": {"name": "cosine", "warmup_steps": 5},
+        "scaling": {"workers": 2},
+        "logger": {"wandb": False, "wandb_mode": "disabled", "progress": False},
+        "train": {"max_steps": 10, "global_batch_tokens": 2048, "micro_batch_size": 4,
+                  "eval_every": 5, "eval_batches": 1, "checkpoint_every": 5},
+        "run": {"name": "run", "output_dir": str(output_dir)},
+    })
+    _merge(base, copy.deepcopy(upd))
+    return validate_pretrain(from_dict(PretrainConfig, base))

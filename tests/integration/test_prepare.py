@@ -1,0 +1,95 @@
+"""jobs/prepare.py's pipeline on a local Ray runtime: shards, manifest, malformed input."""
+import gzip
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tidal.config import DataConfig, TokenizerConfig
+from tidal.data.prepare import load_manifest, prepare, tokenizer_path
+from tidal.data.tokenizer import load as load_tokenizer
+
+pytestmark = pytest.mark.integration
+
+PARAS = [f"Paragraph {i}: " + " ".join(f"word{(i * 7 + j) % 50} and text" for j in range(30))
+         for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "a.txt").write_text("\n\n".join(PARAS[:30]))
+    with open(d / "b.jsonl", "w") as f:
+        for p in PARAS[30:50]:
+            f.write(json.dumps({"text": p}) + "\n")
+        f.write("{not json\n")
+        f.write(json.dumps({"content": "no text field"}) + "\n")
+    with gzip.open(d / "c.jsonl.gz", "wt") as f:
+        for p in PARAS[50:]:
+            f.write(json.dumps({"text": p}) + "\n")
+    (d / "bad.txt").write_bytes(b"valid start \xff\xfe invalid utf-8")
+    (d / "trunc.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 50)[:30])
+    return d
+
+
+def _cfg(corpus, **kw):
+    return DataConfig(name="mini", sources=[str(corpus)], seq_len=32, val_fraction=0.1,
+                      shard_samples=16, tokenizer=TokenizerConfig(vocab_size=300), **kw)
+
+
+def test_prepare_writes_shards_and_manifest(ray_local, corpus, tmp_path):
+    out = str(tmp_path / "prepared")
+    manifest = prepare(_cfg(corpus), out)
+    assert load_manifest(out) == manifest
+    # inputs: every file with its real sha256, sorted
+    names = [os.path.basename(i["uri"]) for i in manifest["inputs"]]
+    assert names == sorted(names) and "b.jsonl" in names
+    for i in manifest["inputs"]:
+        assert i["sha256"] == hashlib.sha256(open(i["uri"], "rb").read()).hexdigest()
+    # the tokenizer was trained and saved in HF format, and its hash recorded
+    tok = load_tokenizer(tokenizer_path(manifest, out))
+    assert len(tok) == manifest["tokenizer"]["vocab_size"] <= 300
+    assert len(manifest["tokenizer"]["sha256"]) == 64
+    # malformed records are counted by reason, not fatal
+    bad = manifest["counts"]["malformed"]
+    assert bad["line is not JSON"] == 1
+    assert bad["record has no string field 'text'"] == 1
+    assert bad["invalid utf-8 at byte 12"] == 1
+    assert sum(v for k, v in bad.items() if k.startswith("unreadable file")) == 1
+    assert manifest["counts"]["documents"] == 60
+    # shards: the files and hashes the manifest names, samples of seq_len + 1 tokens
+    total = 0
+    for split in ("train", "val"):
+        for s in manifest["shards"][split]:
+            path = os.path.join(out, s["file"])
+            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == s["sha256"]
+            arr = np.load(path)
+            assert arr.shape == (s["samples"], 33) and arr.dtype == np.uint16
+            total += len(arr)
+        assert manifest["counts"][split]["samples"] == sum(s["samples"] for s in manifest["shards"][split])
+    assert manifest["counts"]["val"]["samples"] > 0 and total > 20
+    assert len(manifest["shards"]["train"]) > 1  # shard_samples=16 splits the output
+    # documents are joined with EOS, and consecutive samples overlap by one token
+    first = np.load(os.path.join(out, manifest["shards"]["train"][0]["file"])).astype(np.int64)
+    assert (first[:-1, -1] == first[1:, 0]).all()
+    stream = np.concatenate([first[0]] + [r[1:] for r in first[1:]])
+    assert (stream == tok.eos_token_id).sum() >= 1
+    text = tok.decode(stream[: list(stream).index(tok.eos_token_id)])
+    assert text in PARAS
+    assert manifest["seq_len"] == 32 and manifest["config"]["val_fraction"] == 0.1
+
+
+def test_prepare_is_deterministic(ray_local, corpus, tmp_path):
+    a = prepare(_cfg(corpus), str(tmp_path / "a"))
+    b = prepare(_cfg(corpus), str(tmp_path / "b"))
+    assert a["shards"] == b["shards"]  # includes every shard's sha256
+    assert a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"]
+
+
+def test_embedded_corpus_needs_no_files(ray_local, tmp_path):
+    cfg = DataConfig(seq_len=256, tokenizer=TokenizerConfig(vocab_size=1024))
+    m = prepare(cfg, str(tmp_path / "pydocs"))
+    assert m["inputs"][0]["uri"] == "embedded:pydocs" and m["inputs"][0]["bytes"] > 900_000
+    assert m["counts"]["train"]["samples"] > 500 and m["counts"]["val"]["samples"] > 10
