@@ -141,7 +141,6 @@ def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
             name=cfg.run.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
-        resume_from_checkpoint=ray.train.Checkpoint(cfg.run.resume_from) if cfg.run.resume_from else None,
     )
     metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
     wandb = WandbSink(cfg.logger, cfg.run.name, run_dir, config)

@@ -52,7 +52,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     bytes_per_token = val["bytes"] / val["tokens"] if val.get("bytes") else None
     meta = {"config_fingerprint": fingerprint(cfg), "data_manifest": config["manifest_hash"]}
 
+    # The run's own latest checkpoint wins (a restart after a failure, or a relaunch with the
+    # same run name); run.resume_from only seeds a run that has none yet.
     restored = ray.train.get_checkpoint()
+    if restored is None and cfg.run.resume_from:
+        restored = Checkpoint(cfg.run.resume_from)
     if restored is not None:
         with restored.as_directory() as path:
             ckpt.load(engine, path)
