@@ -1,0 +1,81 @@
+"""`ray job submit` against a real local head (token auth, as Ray 2.60 enables by default).
+
+The test starts its own head with `ray start --head`, submits jobs/pretrain.py with Hydra
+overrides through the CLI, and stops the head at the end (`ray stop`, which stops every Ray
+runtime started on this machine: do not run it beside a cluster you care about).
+"""
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import PYTHON, ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BIN = os.path.dirname(PYTHON)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args, env, timeout=300, check=True):
+    p = subprocess.run([os.path.join(BIN, "ray"), *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"ray {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def head():
+    import ray
+
+    ray.shutdown()
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""),
+               RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    _ray("get-auth-token", "--generate", env=env)
+    dash = _free_port()
+    _ray("start", "--head", f"--port={_free_port()}", f"--dashboard-port={dash}",
+         "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats", env=env)
+    try:
+        yield env, f"http://127.0.0.1:{dash}"
+    finally:
+        _ray("stop", env=env, check=False)
+
+
+def test_working_dir_upload_excludes_outputs_and_venv(head):
+    env, address = head
+    p = _ray("job", "submit", "--address", address, "--working-dir", ".", "--", "python", "-c",
+             "import os, json; print('DIR' + 'LIST', json.dumps(sorted(os.listdir('.'))))", env=env)
+    listing = json.loads(p.stdout.split("DIRLIST", 1)[1].splitlines()[0])
+    assert {"jobs", "conf", "platform", "pyproject.toml"} <= set(listing)
+    assert not {".venv", "outputs", "wandb"} & set(listing)
+
+
+def test_submit_pretrain_with_overrides(head, tmp_path):
+    env, address = head
+    out = str(tmp_path / "outputs")
+    p = _ray("job", "submit", "--address", address, "--working-dir", ".", "--",
+             "python", "jobs/pretrain.py", "model=tiny", "optim.lr=1e-3", "train.max_steps=4",
+             "schedule.warmup_steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+             "run.name=submitted", f"run.output_dir={out}", "logger=console",
+             "logger.progress=false", env=env, timeout=500)
+    assert "succeeded" in p.stdout, p.stdout[-3000:]
+    run = os.path.join(out, "submitted")
+    with open(os.path.join(run, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["train"]["max_steps"] == 4
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert max(r["lr"] for r in recs) == pytest.approx(1e-3)  # the override reached the workers
+    assert os.path.exists(os.path.join(run, "checkpoint_0000004", ".metadata"))
+    assert os.path.exists(os.path.join(run, "hf", "model.safetensors"))
+    assert "final val loss" in p.stdout
