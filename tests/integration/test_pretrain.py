@@ -94,3 +94,14 @@ def test_resume_reproduces_uninterrupted_losses(ray_local, out):
     assert [r["step"] for r in records(explicit["run_dir"])] == list(range(6, 11))
     assert split["final_val_loss"] == full["final_val_loss"]
     assert np.isfinite(full["final_train_loss"])
+
+    # A checkpoint written by 1 worker loads into 2 (DCP reshards): the global batch stays
+    # fixed, so the losses match the 2-worker run up to floating-point summation order.
+    run_pretrain(small_cfg(out, run={"name": "grow"}, scaling={"workers": 1},
+                           train={"deterministic": True, "stop_at_step": 5}))
+    grown = run_pretrain(small_cfg(out, run={"name": "grow"}, **det))
+    recs = records(grown["run_dir"])
+    assert [r["world_size"] for r in recs] == [1] * 5 + [2] * 5
+    assert [r["grad_accum"] for r in recs] == [4] * 5 + [2] * 5
+    for r in recs:
+        assert r["loss"] == pytest.approx(ref[r["step"]]["loss"], rel=1e-5, abs=1e-5), r["step"]

@@ -32,9 +32,14 @@ def apply(model: torch.nn.Module, mesh: DeviceMesh, precision: str,
 
     bf16: parameters are gathered and computed in bf16, gradients reduced in fp32, the
     optimizer keeps fp32 master weights. fp32: everything in fp32 (the CPU default).
+    On a one-rank fp32 mesh there is nothing to shard, and FSDP's copies would only cost
+    time, so the model stays a plain module (DCP checkpoints are the same either way:
+    keys are parameter names, and they reshard onto any world size).
     """
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mesh.size() == 1 and precision == "fp32":
+        return model
     mp = None
     if precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -107,7 +107,8 @@ def train_step(engine: Engine, micro_batches: List[np.ndarray]) -> Dict[str, flo
     n = len(micro_batches)
     loss_sum = torch.zeros((), device=engine.device)
     for i, mb in enumerate(micro_batches):
-        model.set_requires_gradient_sync(i == n - 1)  # reduce-scatter once per step
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once per step
+            model.set_requires_gradient_sync(i == n - 1)
         tokens = torch.from_numpy(mb).to(engine.device, non_blocking=True)
         loss = engine.objective(model, tokens) / n
         loss.backward()

@@ -1,0 +1,114 @@
+"""Training throughput: tidal (1 FSDP2 worker on Ray Train) against a bare PyTorch loop.
+
+Same model, data, batch, micro-batch, dtype, optimizer and schedule; the bare loop is a
+single process with no Ray and no FSDP. Both use the same number of CPU threads. Printed:
+steady-state tokens/s of each (median step time after warm-up) and the ratio.
+
+    python benchmarks/throughput.py [--steps 30] [--model tiny] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "jobs"))
+import _hydra  # noqa: E402,F401  (makes tidal importable from a plain checkout)
+
+import torch  # noqa: E402
+
+from tidal.config import PretrainConfig, from_dict, to_dict, validate_pretrain  # noqa: E402
+from tidal.data.loader import GlobalSampleLoader  # noqa: E402
+from tidal.models import build_model  # noqa: E402
+from tidal.objectives import causal_lm_loss, split_sample  # noqa: E402
+from tidal.optim import build_optimizer, lr_at  # noqa: E402
+from tidal.train.launch import ensure_data, init_ray, run_pretrain  # noqa: E402
+
+WARMUP = 3
+
+
+def make_cfg(args, out: str) -> PretrainConfig:
+    import yaml
+
+    base = to_dict(PretrainConfig())
+    with open(os.path.join(ROOT, "conf", "model", f"{args.model}.yaml")) as f:
+        base["model"].update(yaml.safe_load(f))
+    base["scaling"].update(workers=1, cpus_per_worker=args.threads)
+    base["train"].update(max_steps=args.steps, global_batch_tokens=args.batch_tokens,
+                         micro_batch_size=args.micro, eval_every=args.steps, eval_batches=1,
+                         checkpoint_every=0, export_hf=False)
+    base["schedule"]["warmup_steps"] = min(5, args.steps)
+    base["logger"].update(wandb=False, wandb_mode="disabled", progress=False)
+    base["run"].update(name=f"bench-{int(time.time())}", output_dir=out)
+    return validate_pretrain(from_dict(PretrainConfig, base))
+
+
+def bare_loop(cfg: PretrainConfig, data_dir: str, manifest: dict, threads: int) -> list[float]:
+    """The baseline: plain PyTorch, one process; returns per-step seconds."""
+    torch.set_num_threads(threads)
+    tok = manifest["tokenizer"]
+    model = build_model(cfg.model, tok["vocab_size"], tok["eos_token_id"], tok["pad_token_id"],
+                        cfg.train.seed)
+    opt = build_optimizer(model, cfg.optim, "cpu")
+    global_batch = cfg.train.global_batch_tokens // cfg.data.seq_len
+    loader = GlobalSampleLoader(data_dir, manifest, cfg.train.seed, global_batch)
+    times = []
+    for step in range(cfg.train.max_steps):
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.train.max_steps, cfg.optim.lr, cfg.schedule)
+        micro = list(loader.micro_batches(step * global_batch, 0, 1, cfg.train.micro_batch_size))
+        for mb in micro:
+            inputs, labels = split_sample(torch.from_numpy(mb))
+            loss = causal_lm_loss(model(input_ids=inputs).logits, labels) / len(micro)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--micro", type=int, default=8)
+    args = ap.parse_args()
+    out = os.environ.get("TIDAL_OUTPUT_DIR") or os.path.join(ROOT, "outputs")
+    cfg = make_cfg(args, out)
+    init_ray()
+    data_dir, manifest = ensure_data(cfg.data, out)
+
+    tokens = cfg.train.global_batch_tokens
+    t0 = time.time()
+    bare = bare_loop(cfg, data_dir, manifest, args.threads)
+    bare_wall = time.time() - t0
+    t0 = time.time()
+    summary = run_pretrain(cfg)
+    tidal_wall = time.time() - t0
+    with open(summary["metrics"]) as f:
+        import json
+
+        recs = [json.loads(line) for line in f]
+    tidal_steps = [r["step_time_s"] for r in recs][WARMUP:]
+    bare_tps = tokens / statistics.median(bare[WARMUP:])
+    tidal_tps = tokens / statistics.median(tidal_steps)
+    rows = [("bare PyTorch loop (1 process)", bare_tps, bare_wall),
+            ("tidal (Ray Train, 1 worker)", tidal_tps, tidal_wall)]
+    print(f"\nmodel={args.model} steps={args.steps} batch={tokens} tokens micro={args.micro} "
+          f"threads={args.threads} dtype=fp32 torch={torch.__version__}")
+    print(f"{'run':<36}{'tokens/s':>12}{'wall s (incl. start-up)':>26}")
+    for name, tps, wall in rows:
+        print(f"{name:<36}{tps:>12,.0f}{wall:>26.1f}")
+    print(f"ratio tidal / bare: {tidal_tps / bare_tps:.3f}  (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
