@@ -2,11 +2,13 @@
 import json
 import math
 import os
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import PYTHON, ROOT
 from tests.integration.conftest import needs_shakespeare, small_cfg
 from tidal.data.loader import GlobalSampleLoader
 from tidal.data.prepare import default_output_dir, load_manifest
@@ -28,7 +30,7 @@ def out(tmp_path_factory):
 def test_two_workers_learn_and_export_loads_and_generates(ray_local, out):
     cfg = small_cfg(out, run={"name": "learn"}, logger={"wandb": True, "wandb_mode": "offline"},
                     train={"max_steps": 60, "global_batch_tokens": 4096, "eval_every": 20,
-                           "checkpoint_every": 30})
+                           "checkpoint_every": 20, "keep_checkpoints": 2})
     summary = run_pretrain(cfg)
     recs = records(summary["run_dir"])
     assert [r["step"] for r in recs] == list(range(1, 61))
@@ -46,7 +48,7 @@ def test_two_workers_learn_and_export_loads_and_generates(ray_local, out):
     card = open(os.path.join(run_dir, "run_card.md")).read()
     assert "data manifest sha256" in card and "max_steps: 60" in card and "| torch |" in card
     ckpts = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_0"))
-    assert ckpts == ["checkpoint_0000030", "checkpoint_0000060"]
+    assert ckpts == ["checkpoint_0000040", "checkpoint_0000060"]  # the newest 2 are kept
     assert summary["checkpoint"].endswith("checkpoint_0000060")
     assert any(d.startswith("offline-run") for d in os.listdir(os.path.join(run_dir, "wandb")))
 
@@ -72,6 +74,24 @@ def test_two_workers_learn_and_export_loads_and_generates(ray_local, out):
     gen = model.generate(**prompt, max_new_tokens=20, do_sample=False)
     assert gen.shape[1] > prompt["input_ids"].shape[1]
     assert len(tok.decode(gen[0][prompt["input_ids"].shape[1]:]).strip()) > 0
+
+    # Export on request, from any checkpoint, in a separate process: the final checkpoint's
+    # export has exactly the weights of the end-of-training export.
+    dest = str(out / "exported-60")
+    p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", "export.py"),
+                        f"checkpoint={summary['checkpoint']}", f"output={dest}"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = AutoModelForCausalLM.from_pretrained(dest, local_files_only=True)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert os.path.exists(os.path.join(dest, "tokenizer.json"))
+
+    # Continued pretraining from the HF export: it starts where the first run ended.
+    cont = run_pretrain(small_cfg(out, run={"name": "continued"}, model={"pretrained": summary["hf_export"]},
+                                  train={"max_steps": 2, "eval_every": 2, "export_hf": False},
+                                  schedule={"warmup_steps": 1}))
+    assert records(cont["run_dir"])[0]["loss"] < first - 2.0
 
 
 def test_resume_reproduces_uninterrupted_losses(ray_local, out):

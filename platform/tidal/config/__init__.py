@@ -2,6 +2,7 @@
 from tidal.config.convert import ConfigError, allowed_keys, fingerprint, from_dict, to_dict
 from tidal.config.schema import (
     DataConfig,
+    ExportConfig,
     LoggerConfig,
     ModelConfig,
     OptimConfig,
@@ -13,11 +14,11 @@ from tidal.config.schema import (
     TokenizerConfig,
     TrainConfig,
 )
-from tidal.config.validate import validate_prepare, validate_pretrain
+from tidal.config.validate import validate_export, validate_prepare, validate_pretrain
 
 __all__ = [
     "ConfigError", "allowed_keys", "fingerprint", "from_dict", "to_dict",
-    "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "PrepareConfig",
+    "DataConfig", "ExportConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "PrepareConfig",
     "PretrainConfig", "RunConfig", "ScalingConfig", "ScheduleConfig", "TokenizerConfig",
-    "TrainConfig", "validate_prepare", "validate_pretrain",
+    "TrainConfig", "validate_export", "validate_prepare", "validate_pretrain",
 ]

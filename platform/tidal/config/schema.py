@@ -145,3 +145,11 @@ class PretrainConfig:
 class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="prepare"))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Convert a tidal checkpoint directory into a Hugging Face directory."""
+
+    checkpoint: str = "???"
+    output: Optional[str] = None  # default: <checkpoint>/../hf-<checkpoint name>

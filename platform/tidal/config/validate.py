@@ -7,7 +7,7 @@ import re
 from typing import List
 
 from tidal.config.convert import ConfigError
-from tidal.config.schema import DataConfig, PrepareConfig, PretrainConfig
+from tidal.config.schema import DataConfig, ExportConfig, PrepareConfig, PretrainConfig
 
 _CLOUD = ("s3://", "gs://", "gcs://")
 ALLOWED = {
@@ -144,4 +144,15 @@ def validate_prepare(cfg: PrepareConfig) -> PrepareConfig:
     _check_run(cfg.run, p)
     if p:
         raise ConfigError(p)
+    return cfg
+
+
+def validate_export(cfg: ExportConfig) -> ExportConfig:
+    path = os.path.expanduser(cfg.checkpoint)
+    if not os.path.isdir(path):
+        raise ConfigError([f"checkpoint: directory '{cfg.checkpoint}' does not exist"])
+    if not os.path.exists(os.path.join(path, ".metadata")) or \
+            not os.path.isdir(os.path.join(path, "hf_meta")):
+        raise ConfigError([f"checkpoint: '{cfg.checkpoint}' is not a tidal checkpoint "
+                           "(expected .metadata and hf_meta/ inside)"])
     return cfg

@@ -72,9 +72,15 @@ class WandbSink:
             return
         import wandb
 
-        self.run = wandb.init(project=cfg.project, group=cfg.group, name=run_name, id=run_name,
-                              resume="allow", dir=run_dir, mode=mode, config=config,
-                              tags=list(cfg.tags), settings=wandb.Settings(silent=True))
+        if not os.environ.get("WANDB_MODE"):
+            os.environ.pop("WANDB_MODE", None)  # an empty value is rejected by wandb itself
+        try:
+            self.run = wandb.init(project=cfg.project, group=cfg.group, name=run_name, id=run_name,
+                                  resume="allow", dir=run_dir, mode=mode, config=config,
+                                  tags=list(cfg.tags), settings=wandb.Settings(silent=True))
+        except Exception as e:  # tracking must never cost a training run
+            print(f"warning: W&B disabled for this run: {type(e).__name__}: {e}")
+            self.run = None
 
     def log(self, rec: Dict) -> None:
         if self.run is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+import shutil
+from typing import Dict, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -19,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from tidal.train.engine import Engine
 
 STATE_FILE = "trainer_state.json"
+HF_META = "hf_meta"  # config.json + tokenizer: makes a checkpoint exportable on its own
 
 
 def _rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
@@ -28,7 +30,7 @@ def _rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
     return state
 
 
-def save(engine: Engine, path: str, meta: Dict) -> None:
+def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = None) -> None:
     """Write this rank's part of the checkpoint into ``path`` (a per-rank local dir is fine:
     Ray Train merges the workers' directories in storage)."""
     os.makedirs(path, exist_ok=True)
@@ -41,6 +43,11 @@ def save(engine: Engine, path: str, meta: Dict) -> None:
                  "world_size": engine.world, **meta}
         with open(os.path.join(path, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
+        hf_meta = os.path.join(path, HF_META)
+        engine.model.config.save_pretrained(hf_meta)
+        if tokenizer_dir:
+            for name in os.listdir(tokenizer_dir):
+                shutil.copy2(os.path.join(tokenizer_dir, name), hf_meta)
 
 
 def read_state(path: str) -> Dict:

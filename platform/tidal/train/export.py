@@ -1,9 +1,14 @@
-"""Export a sharded model as a Hugging Face directory (safetensors + config + tokenizer)."""
+"""Export to a Hugging Face directory (safetensors + config + tokenizer + generation config).
+
+Two ways in: at the end of training from the live sharded model (``export_hf``), or later,
+in one process, from any tidal checkpoint directory (``export_checkpoint``).
+"""
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from typing import Dict
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -11,25 +16,26 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tidal.data import io as tio
 
 
-def export_hf(model: torch.nn.Module, rank: int, tokenizer_dir: str, dest: str) -> None:
-    """Gather the full state dict (a collective: every rank calls this) and let rank 0 write
-    ``dest`` — a local directory or a cloud URI — that ``from_pretrained`` loads."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def _plain_model(config, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
 
-    config = model.config
     config.use_cache = True
     with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(full, assign=True, strict=True)
-    plain.tie_weights()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    return model
+
+
+def write_hf(model: torch.nn.Module, tokenizer_dir: str, dest: str) -> str:
+    """Write ``model`` and its tokenizer as an HF directory at ``dest`` (local or cloud)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
     tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     local = dest if not tio.is_cloud(dest) else tempfile.mkdtemp(prefix="tidal-hf-")
     if os.path.isdir(local):
         shutil.rmtree(local)
-    plain.save_pretrained(local, safe_serialization=True)
+    model.save_pretrained(local, safe_serialization=True)
     tok.save_pretrained(local)
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(local)
@@ -39,3 +45,29 @@ def export_hf(model: torch.nn.Module, rank: int, tokenizer_dir: str, dest: str) 
         fs, path = tio.resolve(dest)
         pafs.copy_files(local, path, destination_filesystem=fs)
         shutil.rmtree(local)
+    return dest
+
+
+def export_hf(model: torch.nn.Module, rank: int, tokenizer_dir: str, dest: str) -> None:
+    """Gather the full state dict (a collective: every rank calls this); rank 0 writes."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        write_hf(_plain_model(model.config, full), tokenizer_dir, dest)
+
+
+def export_checkpoint(checkpoint_dir: str, dest: str) -> str:
+    """Convert a (sharded, any world size) tidal checkpoint to an HF directory, in this process."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tidal.train.checkpoint import HF_META
+
+    meta = os.path.join(checkpoint_dir, HF_META)
+    config = AutoConfig.from_pretrained(meta, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=checkpoint_dir)  # reads only the model's entries
+    model.load_state_dict(state["model"])
+    model.tie_weights()
+    model.config.use_cache = True
+    return write_hf(model, meta, dest)

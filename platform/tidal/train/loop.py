@@ -50,6 +50,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     loader = GlobalSampleLoader(data_dir, manifest, cfg.train.seed, engine.global_batch)
     val = manifest["counts"]["val"]
     bytes_per_token = val["bytes"] / val["tokens"] if val.get("bytes") else None
+    tok_dir = tokenizer_path(manifest, data_dir)
     meta = {"config_fingerprint": fingerprint(cfg), "data_manifest": config["manifest_hash"]}
 
     # The run's own latest checkpoint wins (a restart after a failure, or a relaunch with the
@@ -80,11 +81,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             hub.push.remote(metrics)
         if last or (t.checkpoint_every and engine.step % t.checkpoint_every == 0):
             with tempfile.TemporaryDirectory(prefix="tidal-ckpt-") as tmp:
-                ckpt.save(engine, tmp, meta)
+                ckpt.save(engine, tmp, meta, tok_dir)
                 ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                                  checkpoint=Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{engine.step:07d}")
     if t.export_hf and config.get("export_dir"):
-        export_hf(engine.model, rank, tokenizer_path(manifest, data_dir), config["export_dir"])
+        export_hf(engine.model, rank, tok_dir, config["export_dir"])
         if hub is not None and rank == 0:
             hub.push.remote({"event": "exported", "step": engine.step, "path": config["export_dir"]})
