@@ -15,6 +15,7 @@ try:  # a checkout that was not pip-installed (e.g. a `ray job submit` working d
     import tidal  # noqa: F401
 except ImportError:
     sys.path[:0] = [os.path.join(ROOT, "platform"), os.path.join(ROOT, "kernels")]
+    os.environ["TIDAL_SHIP_CODE"] = "1"  # Ray workers get the library as a py_module
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HYDRA_FULL_ERROR", "0")

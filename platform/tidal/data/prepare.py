@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Dict, List, Optional
 
@@ -90,9 +91,14 @@ def _tokenizer_dir(cfg: DataConfig, out_dir: str, docs, log) -> str:
 
 def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
     """Run the pipeline and write shards plus ``manifest.json`` into ``out_dir``."""
+    import logging
+
     import ray.data
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # our own bar below; Ray Data's logs are per operator
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     t0 = time.time()
     inputs = srcs.list_sources(cfg)
     if not tio.is_cloud(out_dir):
@@ -118,10 +124,12 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         else:
             short += 1
     n_docs = 0
-    for batch in tokenized.iter_batches(batch_size=512, batch_format="numpy"):
-        for ids, val, nbytes in zip(batch["ids"], batch["val"], batch["nbytes"]):
-            writers["val" if val else "train"].add(ids.tolist(), tok.eos_token_id, int(nbytes))
-            n_docs += 1
+    with _progress(good.count()) as advance:
+        for batch in tokenized.iter_batches(batch_size=512, batch_format="numpy"):
+            for ids, val, nbytes in zip(batch["ids"], batch["val"], batch["nbytes"]):
+                writers["val" if val else "train"].add(ids.tolist(), tok.eos_token_id, int(nbytes))
+                n_docs += 1
+            advance(len(batch["val"]), sum(len(i) for i in batch["ids"]))
     train, val = writers["train"], writers["val"]
     if not val.shards and len(val.pending_samples()) == 0 and len(train.pending_samples()) >= 2:
         move = max(1, round(cfg.val_fraction * len(train.pending_samples())))
@@ -152,6 +160,24 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         f"{stats['val']['samples']} val samples of {cfg.seq_len + 1} tokens in {time.time() - t0:.1f}s "
         f"-> {out_dir}")
     return manifest
+
+
+@contextmanager
+def _progress(total: int):
+    """A live bar over tokenized documents, with tokens per second."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tokens = {"n": 0, "t0": time.time()}
+    with Progress(TextColumn("[bold]tokenize+pack"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("docs"), TimeElapsedColumn(), TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task("pack", total=total, rate="")
+
+        def advance(docs: int, toks: int) -> None:
+            tokens["n"] += toks
+            rate = tokens["n"] / max(time.time() - tokens["t0"], 1e-9)
+            bar.update(task, advance=docs, rate=f"{tokens['n']:,} tokens ({rate:,.0f}/s)")
+
+        yield advance
 
 
 def _relative(path: str, root: str) -> str:

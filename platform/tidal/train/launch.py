@@ -30,8 +30,13 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env = None
+    if os.environ.get("TIDAL_SHIP_CODE"):  # tidal is not installed on the cluster: ship it
+        import tidal
+
+        runtime_env = {"py_modules": [os.path.dirname(tidal.__file__)]}
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
-             logging_level="WARNING")
+             logging_level="WARNING", runtime_env=runtime_env)
 
 
 def ensure_data(data_cfg, output_root: str, log=print) -> tuple[str, Dict]:
