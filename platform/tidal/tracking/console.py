@@ -10,7 +10,7 @@ def print_summary(title: str, summary: Dict) -> None:
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("what", style="bold")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     for k, v in summary.items():
         if isinstance(v, float):
             v = f"{v:,.4f}" if abs(v) < 100 else f"{v:,.1f}"
