@@ -81,6 +81,30 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def local_dir(uri: str) -> str:
+    """A local directory holding the contents of ``uri``: the path itself when local, else a
+    copy downloaded once into ``~/.cache/tidal/remote`` (tokenizers load from local files)."""
+    if not is_cloud(uri):
+        return uri
+    cache = os.path.join(os.path.expanduser("~/.cache/tidal/remote"),
+                         hashlib.sha256(uri.encode()).hexdigest()[:16])
+    if not os.path.isdir(cache):
+        fs, path = resolve(uri)
+        tmp = f"{cache}.tmp{os.getpid()}"
+        pafs.copy_files(path, tmp, source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        try:
+            os.rename(tmp, cache)
+        except OSError:  # another process finished first
+            pass
+    return cache
+
+
+def upload_dir(local: str, uri: str) -> None:
+    fs, path = resolve(uri)
+    pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def save_npy(uri: str, arr: np.ndarray) -> str:
     """Write ``arr`` as .npy and return its sha256."""
     buf = io.BytesIO()

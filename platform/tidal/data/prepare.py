@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -44,13 +45,15 @@ def is_val(text: str, fraction: float, seed: int) -> bool:
 
 
 @lru_cache(maxsize=4)
-def _cached_tokenizer(path: str):
-    return toks.load(path)
+def _cached_tokenizer(path: str, digest: str):
+    """One load per worker process; keyed by content so a re-trained tokenizer is reloaded."""
+    return toks.load(tio.local_dir(path))
 
 
-def tokenize_batch(batch: Dict[str, np.ndarray], tok_path: str, fraction: float, seed: int):
+def tokenize_batch(batch: Dict[str, np.ndarray], tok_path: str, tok_hash: str, fraction: float,
+                   seed: int):
     """Ray Data ``map_batches`` body: token ids and split flag for each document."""
-    tok = _cached_tokenizer(tok_path)
+    tok = _cached_tokenizer(tok_path, tok_hash)
     texts = [str(t) for t in batch["text"]]
     ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
     return {"ids": np.array([np.asarray(i, dtype=np.int32) for i in ids] + [None], dtype=object)[:-1],
@@ -78,15 +81,20 @@ def _hash_inputs(inputs: List[str]) -> List[Dict]:
 
 
 def _tokenizer_dir(cfg: DataConfig, out_dir: str, docs, log) -> str:
+    """The tokenizer to use: the configured one, or a BPE trained now into ``out_dir``."""
     if cfg.tokenizer.path:
         return os.path.abspath(os.path.expanduser(cfg.tokenizer.path))
-    path = os.path.join(out_dir, "tokenizer") if not tio.is_cloud(out_dir) else \
-        os.path.join(os.path.expanduser("~/.cache/tidal/tokenizers"), data_key(cfg))
-    log(f"training byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size}) -> {path}")
+    dest = tio.join(out_dir, "tokenizer")
+    log(f"training byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size}) -> {dest}")
     texts = (r["text"] for r in docs.iter_rows()
              if not r["error"] and not is_val(r["text"], cfg.val_fraction, cfg.seed))
-    toks.train_bpe(texts, cfg.tokenizer, path)
-    return path
+    if not tio.is_cloud(out_dir):
+        toks.train_bpe(texts, cfg.tokenizer, dest)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            toks.train_bpe(texts, cfg.tokenizer, tmp)
+            tio.upload_dir(tmp, dest)
+    return dest
 
 
 def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
@@ -105,24 +113,16 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         os.makedirs(out_dir, exist_ok=True)
     docs = srcs.documents(cfg, inputs).materialize()
     tok_dir = _tokenizer_dir(cfg, out_dir, docs, log)
-    tok = toks.load(tok_dir)
+    tok_hash = toks.tokenizer_hash(tio.local_dir(tok_dir))
+    tok = toks.load(tio.local_dir(tok_dir))
     vocab = len(tok)
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
     writers = {s: ShardWriter(out_dir, s, cfg.seq_len, cfg.shard_samples, dtype)
                for s in ("train", "val")}
-    errors: Dict[str, int] = {}
-    error_examples: List[Dict] = []
-    short = 0
     good = docs.filter(lambda r: not r["error"] and len(r["text"]) >= cfg.min_chars)
     tokenized = good.map_batches(tokenize_batch, batch_size=256, fn_kwargs={
-        "tok_path": tok_dir, "fraction": cfg.val_fraction, "seed": cfg.seed})
-    for row in docs.filter(lambda r: bool(r["error"]) or len(r["text"]) < cfg.min_chars).iter_rows():
-        if row["error"]:
-            errors[row["error"].split(":")[0]] = errors.get(row["error"].split(":")[0], 0) + 1
-            if len(error_examples) < 20:
-                error_examples.append({k: row[k] for k in ("source", "unit", "error")})
-        else:
-            short += 1
+        "tok_path": tok_dir, "tok_hash": tok_hash, "fraction": cfg.val_fraction, "seed": cfg.seed})
+    errors, error_examples, short = _set_aside(docs, cfg.min_chars)
     n_docs = 0
     with _progress(good.count()) as advance:
         for batch in tokenized.iter_batches(batch_size=512, batch_format="numpy"):
@@ -143,7 +143,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         "name": cfg.name,
         "data_key": data_key(cfg),
         "inputs": _hash_inputs(inputs),
-        "tokenizer": {"path": _relative(tok_dir, out_dir), "sha256": toks.tokenizer_hash(tok_dir), "vocab_size": vocab,
+        "tokenizer": {"path": _relative(tok_dir, out_dir), "sha256": tok_hash, "vocab_size": vocab,
                       "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
         "seq_len": cfg.seq_len,
         "sample_width": cfg.seq_len + 1,
@@ -160,6 +160,23 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         f"{stats['val']['samples']} val samples of {cfg.seq_len + 1} tokens in {time.time() - t0:.1f}s "
         f"-> {out_dir}")
     return manifest
+
+
+def _set_aside(docs, min_chars: int) -> Tuple[Dict[str, int], List[Dict], int]:
+    """Count the records that are not used: malformed ones by reason (with a few examples
+    to audit), and those shorter than ``min_chars``."""
+    errors: Dict[str, int] = {}
+    examples: List[Dict] = []
+    short = 0
+    for row in docs.filter(lambda r: bool(r["error"]) or len(r["text"]) < min_chars).iter_rows():
+        if not row["error"]:
+            short += 1
+            continue
+        reason = row["error"].split(":")[0]
+        errors[reason] = errors.get(reason, 0) + 1
+        if len(examples) < 20:
+            examples.append({k: row[k] for k in ("source", "unit", "error")})
+    return errors, examples, short
 
 
 @contextmanager
@@ -182,14 +199,19 @@ def _progress(total: int):
 
 def _relative(path: str, root: str) -> str:
     """Paths inside the data directory are stored relative to it (the manifest moves with it)."""
-    if not tio.is_cloud(root) and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
+    if tio.is_cloud(root):
+        return path[len(root):].lstrip("/") if path.startswith(root.rstrip("/") + "/") else path
+    if os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
         return os.path.relpath(path, root)
     return path
 
 
 def tokenizer_path(manifest: Dict, data_dir: str) -> str:
+    """A local directory with the data set's tokenizer (downloaded if the data is remote)."""
     path = manifest["tokenizer"]["path"]
-    return path if os.path.isabs(path) else os.path.join(data_dir, path)
+    if not (os.path.isabs(path) or tio.is_cloud(path)):
+        path = tio.join(data_dir, path)
+    return tio.local_dir(path)
 
 
 def load_manifest(out_dir: str) -> Optional[Dict]:
