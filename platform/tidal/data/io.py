@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io
+import json
 import os
 import posixpath
 from typing import List, Tuple
@@ -86,11 +87,15 @@ def local_dir(uri: str) -> str:
     copy downloaded once into ``~/.cache/tidal/remote`` (tokenizers load from local files)."""
     if not is_cloud(uri):
         return uri
-    cache = os.path.join(os.path.expanduser("~/.cache/tidal/remote"),
-                         hashlib.sha256(uri.encode()).hexdigest()[:16])
+    fs, path = resolve(uri)
+    # Keyed by the remote listing (names, sizes, times): a changed directory is fetched anew.
+    listing = sorted((f.path, f.size, str(f.mtime)) for f in
+                     fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:16]
+    cache = os.path.join(os.path.expanduser("~/.cache/tidal/remote"), key)
     if not os.path.isdir(cache):
-        fs, path = resolve(uri)
         tmp = f"{cache}.tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
         pafs.copy_files(path, tmp, source_filesystem=fs,
                         destination_filesystem=pafs.LocalFileSystem())
         try:
