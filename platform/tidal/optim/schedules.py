@@ -7,17 +7,12 @@ sees exactly the LR an uninterrupted one would.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from tidal.config.schema import ScheduleConfig
 from tidal.optim.registry import Registry
 
 SCHEDULES = Registry("schedule")
-
-
-def _warmup(step: int, cfg: ScheduleConfig) -> float | None:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    return None
 
 
 def _progress(step: int, total: int, start: int) -> float:
@@ -26,56 +21,54 @@ def _progress(step: int, total: int, start: int) -> float:
     return min(max(step - start, 0) / span, 1.0)
 
 
-@SCHEDULES.register("constant")
+def with_warmup(name: str):
+    """Register a schedule that ramps linearly to the peak over ``warmup_steps`` first; the
+    decorated function gives the multiplier after the warmup."""
+
+    def deco(after: Callable[[int, int, ScheduleConfig], float]):
+        def schedule(step: int, total: int, cfg: ScheduleConfig) -> float:
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            return after(step, total, cfg)
+
+        schedule.__doc__ = after.__doc__
+        return SCHEDULES.register(name)(schedule)
+
+    return deco
+
+
+@with_warmup("constant")
 def constant(step: int, total: int, cfg: ScheduleConfig) -> float:
-    w = _warmup(step, cfg)
-    return 1.0 if w is None else w
+    return 1.0
 
 
-@SCHEDULES.register("cosine")
+@with_warmup("cosine")
 def cosine(step: int, total: int, cfg: ScheduleConfig) -> float:
-    w = _warmup(step, cfg)
-    if w is not None:
-        return w
     p = _progress(step, total - 1, cfg.warmup_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
 
-@SCHEDULES.register("linear")
+@with_warmup("linear")
 def linear(step: int, total: int, cfg: ScheduleConfig) -> float:
-    w = _warmup(step, cfg)
-    if w is not None:
-        return w
-    p = _progress(step, total - 1, cfg.warmup_steps)
-    return 1.0 - (1 - cfg.min_lr_ratio) * p
+    return 1.0 - (1 - cfg.min_lr_ratio) * _progress(step, total - 1, cfg.warmup_steps)
 
 
-@SCHEDULES.register("wsd")
+@with_warmup("wsd")
 def warmup_stable_decay(step: int, total: int, cfg: ScheduleConfig) -> float:
-    """Warmup, a constant plateau, then a linear cooldown over ``decay_fraction`` of training."""
-    w = _warmup(step, cfg)
-    if w is not None:
-        return w
+    """A constant plateau, then a linear cooldown over ``decay_fraction`` of training."""
     decay_start = max(cfg.warmup_steps, total - round(cfg.decay_fraction * total))
     if step < decay_start:
         return 1.0
-    p = _progress(step, total - 1, decay_start)
-    return 1.0 - (1 - cfg.min_lr_ratio) * p
+    return 1.0 - (1 - cfg.min_lr_ratio) * _progress(step, total - 1, decay_start)
 
 
-@SCHEDULES.register("inverse_sqrt")
+@with_warmup("inverse_sqrt")
 def inverse_sqrt(step: int, total: int, cfg: ScheduleConfig) -> float:
-    w = _warmup(step, cfg)
-    if w is not None:
-        return w
     return max(math.sqrt(max(cfg.warmup_steps, 1) / (step + 1)), cfg.min_lr_ratio)
 
 
-@SCHEDULES.register("polynomial")
+@with_warmup("polynomial")
 def polynomial(step: int, total: int, cfg: ScheduleConfig) -> float:
-    w = _warmup(step, cfg)
-    if w is not None:
-        return w
     p = _progress(step, total - 1, cfg.warmup_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 - p) ** cfg.power
 
