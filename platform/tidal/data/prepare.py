@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
@@ -107,6 +108,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # our own bar below; Ray Data's logs are per operator
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")
     t0 = time.time()
     inputs = srcs.list_sources(cfg)
     if not tio.is_cloud(out_dir):
