@@ -19,8 +19,11 @@ def main(cfg) -> None:
     from tidal.tracking.console import print_summary
     from tidal.train.export import export_checkpoint
 
-    ckpt = os.path.abspath(os.path.expanduser(config.checkpoint))
-    dest = config.output or os.path.join(os.path.dirname(ckpt), f"hf-{os.path.basename(ckpt)}")
+    ckpt = config.checkpoint.rstrip("/")
+    if "://" not in ckpt:
+        ckpt = os.path.abspath(os.path.expanduser(ckpt))
+    parent, name = ckpt.rsplit("/", 1)
+    dest = config.output or f"{parent}/hf-{name}"
     print_summary("exported", {"checkpoint": ckpt, "hf_export": export_checkpoint(ckpt, dest)})
 
 

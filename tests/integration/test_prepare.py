@@ -93,3 +93,17 @@ def test_embedded_corpus_needs_no_files(ray_local, tmp_path):
     m = prepare(cfg, str(tmp_path / "pydocs"))
     assert m["inputs"][0]["uri"] == "embedded:pydocs" and m["inputs"][0]["bytes"] > 900_000
     assert m["counts"]["train"]["samples"] > 500 and m["counts"]["val"]["samples"] > 10
+
+
+def test_shards_of_another_data_config_are_refused(ray_local, corpus, tmp_path):
+    from dataclasses import replace
+
+    from tidal.train.launch import ensure_data
+
+    out = str(tmp_path / "shared-out")
+    cfg = replace(_cfg(corpus), output_dir=out)
+    data_dir, manifest = ensure_data(cfg, str(tmp_path))
+    assert data_dir == out and manifest["seq_len"] == 32
+    assert ensure_data(cfg, str(tmp_path))[1] == manifest  # found, not prepared again
+    with pytest.raises(ValueError, match="holds data prepared with another data config"):
+        ensure_data(replace(cfg, seq_len=16), str(tmp_path))

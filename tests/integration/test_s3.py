@@ -79,3 +79,32 @@ def test_prepare_from_and_to_s3(s3_ray):
     assert batch.shape == (4, 33)
     text = tok.decode(np.concatenate([batch[0]]))
     assert "token" in text
+
+
+def test_training_with_checkpoints_and_export_on_s3(s3_ray, tmp_path):
+    """Ray Train's storage (checkpoints) and the HF export on s3://, data read from s3://."""
+    import pyarrow.fs as pafs
+    from transformers import AutoModelForCausalLM
+
+    from tests.integration.conftest import small_cfg
+    from tidal.data import io as tio
+    from tidal.train.launch import run_pretrain
+
+    fs = s3_ray
+    cfg = small_cfg(tmp_path, run={"name": "s3run", "storage_path": "s3://tidal-test/runs"},
+                    data={"name": "s3", "sources": ["s3://tidal-test/corpus/"], "seq_len": 32,
+                          "output_dir": "s3://tidal-test/prepared-train",
+                          "tokenizer": {"vocab_size": 300}},
+                    train={"max_steps": 4, "global_batch_tokens": 512, "checkpoint_every": 2,
+                           "eval_every": 2},
+                    schedule={"warmup_steps": 1})
+    summary = run_pretrain(cfg)
+    assert summary["checkpoint"] == "tidal-test/runs/s3run/checkpoint_0000004" or \
+        summary["checkpoint"].endswith("s3run/checkpoint_0000004")
+    names = {i.path for i in fs.get_file_info(pafs.FileSelector("tidal-test/runs/s3run", recursive=True))}
+    for step in ("0000002", "0000004"):
+        assert f"tidal-test/runs/s3run/checkpoint_{step}/.metadata" in names
+        assert f"tidal-test/runs/s3run/checkpoint_{step}/__1_0.distcp" in names
+    assert summary["hf_export"] == "s3://tidal-test/runs/s3run/hf"
+    model = AutoModelForCausalLM.from_pretrained(tio.local_dir(summary["hf_export"]), local_files_only=True)
+    assert model.config.vocab_size <= 300

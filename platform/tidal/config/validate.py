@@ -8,8 +8,7 @@ from typing import List
 
 from tidal.config.convert import ConfigError
 from tidal.config.schema import DataConfig, ExportConfig, PrepareConfig, PretrainConfig
-
-_CLOUD = ("s3://", "gs://", "gcs://")
+from tidal.data.io import CLOUD_PREFIXES as _CLOUD
 ALLOWED = {
     "model.arch": ("llama", "qwen2", "mistral"),
     "data.format": ("auto", "text", "jsonl", "parquet"),
@@ -148,6 +147,8 @@ def validate_prepare(cfg: PrepareConfig) -> PrepareConfig:
 
 
 def validate_export(cfg: ExportConfig) -> ExportConfig:
+    if cfg.checkpoint.startswith(_CLOUD):
+        return cfg  # checked when fetched
     path = os.path.expanduser(cfg.checkpoint)
     if not os.path.isdir(path):
         raise ConfigError([f"checkpoint: directory '{cfg.checkpoint}' does not exist"])

@@ -65,10 +65,25 @@ def sha256_file(uri: str, chunk: int = 1 << 20) -> Tuple[str, int]:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file whole: local files appear atomically (temp file + rename); object stores
+    publish an object only when its upload completes."""
     fs, path = resolve(uri)
-    fs.create_dir(posixpath.dirname(path) if is_cloud(uri) else os.path.dirname(path), recursive=True)
+    if not is_cloud(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def remove(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
 
 
 def read_bytes(uri: str) -> bytes:

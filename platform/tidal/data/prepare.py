@@ -113,6 +113,8 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
     inputs = srcs.list_sources(cfg)
     if not tio.is_cloud(out_dir):
         os.makedirs(out_dir, exist_ok=True)
+    # The manifest is written last: without it, a half-written directory is never used.
+    tio.remove(tio.join(out_dir, MANIFEST))
     docs = srcs.documents(cfg, inputs).materialize()
     tok_dir = _tokenizer_dir(cfg, out_dir, docs, log)
     tok_hash = toks.tokenizer_hash(tio.local_dir(tok_dir))

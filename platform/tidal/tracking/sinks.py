@@ -81,11 +81,15 @@ class WandbSink:
         except Exception as e:  # tracking must never cost a training run
             print(f"warning: W&B disabled for this run: {type(e).__name__}: {e}")
             self.run = None
+            return
+        # Steps go on the x-axis as a metric, not W&B's own monotonic counter: steps replayed
+        # after a restart from a checkpoint are then logged instead of dropped.
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
 
     def log(self, rec: Dict) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))},
-                         step=int(rec["step"]))
+            self.run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))})
 
     def finish(self, summary: Dict) -> Optional[str]:
         if self.run is None:

@@ -8,6 +8,7 @@ this same engine.
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
@@ -57,6 +58,7 @@ class Engine:
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     if deterministic:
@@ -69,6 +71,7 @@ def build_engine(cfg: PretrainConfig, vocab_size: int, eos_id: int, pad_id: Opti
     set_determinism(cfg.train.seed, cfg.train.deterministic)
     model = build_model(cfg.model, vocab_size, eos_id, pad_id, cfg.train.seed)
     num_params = count_params(model)
+    flop_params = M.matmul_params(model)
     shape = shape_of(model)
     model.to(device)
     precision = resolve_precision(cfg.scaling.precision, device.type)
@@ -79,7 +82,7 @@ def build_engine(cfg: PretrainConfig, vocab_size: int, eos_id: int, pad_id: Opti
     peak = M.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     return Engine(cfg=cfg, model=model, optimizer=optimizer, device=device, rank=rank, world=world,
                   global_batch=cfg.train.global_batch_tokens // seq, num_params=num_params,
-                  flops_per_token=M.flops_per_token(num_params, shape["num_layers"],
+                  flops_per_token=M.flops_per_token(flop_params, shape["num_layers"],
                                                     shape["hidden_size"], seq),
                   peak_flops=peak, extra={"shape": shape, "precision": precision})
 

@@ -32,19 +32,23 @@ def write_hf(model: torch.nn.Module, tokenizer_dir: str, dest: str) -> str:
     from transformers import AutoTokenizer, GenerationConfig
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    local = dest if not tio.is_cloud(dest) else tempfile.mkdtemp(prefix="tidal-hf-")
-    if os.path.isdir(local):
-        shutil.rmtree(local)
+    # Written beside the destination, then swapped in: a crash never leaves a partial
+    # directory under the final name.
+    local = f"{dest}.tmp{os.getpid()}" if not tio.is_cloud(dest) else tempfile.mkdtemp(prefix="tidal-hf-")
+    shutil.rmtree(local, ignore_errors=True)
     model.save_pretrained(local, safe_serialization=True)
     tok.save_pretrained(local)
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(local)
     if tio.is_cloud(dest):
-        import pyarrow.fs as pafs
-
-        fs, path = tio.resolve(dest)
-        pafs.copy_files(local, path, destination_filesystem=fs)
+        tio.upload_dir(local, dest)
         shutil.rmtree(local)
+    else:
+        old = f"{dest}.old{os.getpid()}"
+        if os.path.isdir(dest):
+            os.replace(dest, old)
+        os.replace(local, dest)
+        shutil.rmtree(old, ignore_errors=True)
     return dest
 
 
@@ -62,6 +66,7 @@ def export_checkpoint(checkpoint_dir: str, dest: str) -> str:
 
     from tidal.train.checkpoint import HF_META
 
+    checkpoint_dir = tio.local_dir(checkpoint_dir)  # a checkpoint on s3:// / gs:// is fetched
     meta = os.path.join(checkpoint_dir, HF_META)
     config = AutoConfig.from_pretrained(meta, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -11,13 +11,14 @@ import os
 import statistics
 import threading
 import time
+from dataclasses import replace
 from typing import Dict, Optional
 
 import yaml
 
 from tidal.config import PretrainConfig, fingerprint, to_dict
 from tidal.data import io as tio
-from tidal.data.prepare import default_output_dir, load_manifest, manifest_hash, prepare
+from tidal.data.prepare import data_key, default_output_dir, load_manifest, manifest_hash, prepare
 from tidal.tracking import plots, run_card
 from tidal.tracking.sinks import MetricsLog, Progress, WandbSink
 
@@ -39,14 +40,32 @@ def init_ray() -> None:
              logging_level="WARNING", runtime_env=runtime_env)
 
 
-def ensure_data(data_cfg, output_root: str, log=print) -> tuple[str, Dict]:
-    """The prepared data directory and its manifest, preparing it first when missing."""
-    data_dir = default_output_dir(data_cfg, os.path.abspath(output_root))
+def ensure_data(data_cfg, root: str, log=print) -> tuple[str, Dict]:
+    """The prepared data directory and its manifest, preparing it first when missing.
+    Refuses shards that were prepared with a different data config."""
+    data_dir = default_output_dir(data_cfg, root if tio.is_cloud(root) else os.path.abspath(root))
     manifest = load_manifest(data_dir)
     if manifest is None:
         log(f"no prepared data at {data_dir}: preparing '{data_cfg.name}'")
         manifest = prepare(data_cfg, data_dir, log=log)
+    elif manifest.get("data_key") != data_key(data_cfg):
+        raise ValueError(
+            f"data.output_dir: {data_dir} holds data prepared with another data config "
+            f"(key {manifest.get('data_key')}, this config: {data_key(data_cfg)}; its config is in "
+            f"{tio.join(data_dir, 'manifest.json')}); point data.output_dir elsewhere or remove it")
     return data_dir, manifest
+
+
+def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """Local paths made absolute (Ray workers run in other directories; pyarrow needs them)."""
+    def fix(path):
+        if path is None or tio.is_cloud(path):
+            return path
+        return os.path.abspath(os.path.expanduser(path))
+
+    run = replace(cfg.run, output_dir=fix(cfg.run.output_dir), storage_path=fix(cfg.run.storage_path),
+                  resume_from=fix(cfg.run.resume_from))
+    return replace(cfg, run=run, data=replace(cfg.data, output_dir=fix(cfg.data.output_dir)))
 
 
 def _use_gpu(cfg: PretrainConfig) -> bool:
@@ -122,12 +141,15 @@ def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
     from tidal.tracking.hub import MetricsHub
     from tidal.train.loop import train_loop_per_worker
 
+    cfg = absolute_paths(cfg)
     init_ray()
-    data_dir, manifest = ensure_data(cfg.data, cfg.run.output_dir, log)
-    root = os.path.abspath(cfg.run.output_dir)
+    root = cfg.run.output_dir
+    storage = cfg.run.storage_path or root
+    # Prepared data sits beside the checkpoints, so that every node reaches it when the
+    # storage is shared (s3://, gs://, NFS).
+    data_dir, manifest = ensure_data(cfg.data, storage, log)
     run_dir = os.path.join(root, cfg.run.name)
     os.makedirs(run_dir, exist_ok=True)
-    storage = cfg.run.storage_path or root
     export_dir = tio.join(storage, cfg.run.name, "hf") if cfg.train.export_hf else None
     config = to_dict(cfg)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:

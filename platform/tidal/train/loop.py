@@ -44,6 +44,14 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     manifest = load_manifest(data_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"worker {rank}: no prepared data at {data_dir}; on several nodes "
+                                "the data must be on shared storage (run.storage_path=s3://...)")
+    per_step = world * cfg.train.micro_batch_size
+    if (cfg.train.global_batch_tokens // cfg.data.seq_len) % per_step:
+        raise ValueError(f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not "
+                         f"divisible into {world} workers x {cfg.train.micro_batch_size} sequences "
+                         f"of {cfg.data.seq_len} tokens")
     eos, pad = manifest["tokenizer"]["eos_token_id"], manifest["tokenizer"]["pad_token_id"]
     engine = build_engine(cfg, manifest["tokenizer"]["vocab_size"], eos, pad, rank, world,
                           _device(config["use_gpu"]))
@@ -60,7 +68,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         restored = Checkpoint(cfg.run.resume_from)
     if restored is not None:
         with restored.as_directory() as path:
-            ckpt.load(engine, path)
+            state = ckpt.load(engine, path)
+        if state.get("data_manifest") not in (None, meta["data_manifest"]):
+            raise ValueError(f"checkpoint {restored.path} was trained on other data (manifest "
+                             f"{state['data_manifest'][:12]}, now {meta['data_manifest'][:12]}): "
+                             "its data cursor would point at different samples")
     if hub is not None and rank == 0:
         hub.push.remote({"event": "start", "step": engine.step, "world_size": world,
                          "num_params": engine.num_params, "grad_accum": engine.grad_accum,
