@@ -61,17 +61,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
     return model
 
 
-def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
-    """Parameter count (of the full model, also when sharded)."""
-    total = 0
-    emb = set()
-    if exclude_embeddings:
-        emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)
-               for p in m.parameters()}
-    for p in model.parameters():
-        if id(p) not in emb:
-            total += p.numel()  # DTensor.numel() is the global size
-    return total
+def count_params(model: torch.nn.Module) -> int:
+    """Parameter count of the full model (``DTensor.numel()`` is the global size)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def shape_of(model: torch.nn.Module) -> dict:

@@ -84,6 +84,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     while engine.step < end:
         metrics = train_step(engine, list(loader.micro_batches(engine.cursor, rank, world,
                                                                t.micro_batch_size)))
+        metrics["epoch"] = loader.epoch_of(engine.cursor)
         last = engine.step == end
         if engine.step % t.eval_every == 0 or last:
             batches = loader.val_batches(val_total, rank, world, t.micro_batch_size)
