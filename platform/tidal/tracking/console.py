@@ -13,7 +13,7 @@ def print_summary(title: str, summary: Dict) -> None:
     table.add_column("value", overflow="fold")
     for k, v in summary.items():
         if isinstance(v, float):
-            v = f"{v:,.4f}" if abs(v) < 100 else f"{v:,.1f}"
+            v = f"{v:,.1f}" if k.endswith("_s") or abs(v) >= 100 else f"{v:,.4f}"
         elif isinstance(v, int):
             v = f"{v:,}"
         table.add_row(k.replace("_", " "), str(v))
