@@ -4,7 +4,7 @@ Same model, data, batch, micro-batch, dtype, optimizer and schedule; the bare lo
 single process with no Ray and no FSDP. Both use the same number of CPU threads. Printed:
 steady-state tokens/s of each (median step time after warm-up) and the ratio.
 
-    python benchmarks/throughput.py [--steps 30] [--model tiny] [--threads 2]
+    python benchmarks/throughput.py [--steps 40] [--model tiny] [--threads 2]
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def bare_loop(cfg: PretrainConfig, data_dir: str, manifest: dict, threads: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-tokens", type=int, default=8192)
