@@ -14,7 +14,7 @@ from tidal.data.tokenizer import load as load_tokenizer
 pytestmark = pytest.mark.integration
 
 PARAS = [f"Paragraph {i}: " + " ".join(f"word{(i * 7 + j) % 50} and text" for j in range(30))
-         for i in range(60)]
+         for i in range(66)]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,12 @@ def corpus(tmp_path_factory):
         f.write("{not json\n")
         f.write(json.dumps({"content": "no text field"}) + "\n")
     with gzip.open(d / "c.jsonl.gz", "wt") as f:
-        for p in PARAS[50:]:
+        for p in PARAS[50:60]:
             f.write(json.dumps({"text": p}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": PARAS[60:] + [None], "id": list(range(7))}), d / "d.parquet")
     (d / "bad.txt").write_bytes(b"valid start \xff\xfe invalid utf-8")
     (d / "trunc.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 50)[:30])
     return d
@@ -45,7 +49,7 @@ def test_prepare_writes_shards_and_manifest(ray_local, corpus, tmp_path):
     assert load_manifest(out) == manifest
     # inputs: every file with its real sha256, sorted
     names = [os.path.basename(i["uri"]) for i in manifest["inputs"]]
-    assert names == sorted(names) and "b.jsonl" in names
+    assert names == sorted(names) and {"b.jsonl", "c.jsonl.gz", "d.parquet"} <= set(names)
     for i in manifest["inputs"]:
         assert i["sha256"] == hashlib.sha256(open(i["uri"], "rb").read()).hexdigest()
     # the tokenizer was trained and saved in HF format, and its hash recorded
@@ -55,10 +59,10 @@ def test_prepare_writes_shards_and_manifest(ray_local, corpus, tmp_path):
     # malformed records are counted by reason, not fatal
     bad = manifest["counts"]["malformed"]
     assert bad["line is not JSON"] == 1
-    assert bad["record has no string field 'text'"] == 1
+    assert bad["record has no string field 'text'"] == 2  # one jsonl record, one parquet null
     assert bad["invalid utf-8 at byte 12"] == 1
     assert sum(v for k, v in bad.items() if k.startswith("unreadable file")) == 1
-    assert manifest["counts"]["documents"] == 60
+    assert manifest["counts"]["documents"] == 66  # text + jsonl + jsonl.gz + parquet
     # shards: the files and hashes the manifest names, samples of seq_len + 1 tokens
     total = 0
     for split in ("train", "val"):
