@@ -43,6 +43,55 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class FilterConfig:
+    """Gopher/C4-style quality heuristics; a document failing any enabled one is dropped."""
+
+    enabled: bool = True
+    min_words: int = 20
+    max_words: int = 100_000
+    min_mean_word_length: float = 2.5
+    max_mean_word_length: float = 12.0
+    max_symbol_word_ratio: float = 0.1  # '#' and '...' per word
+    min_end_punct_line_fraction: float = 0.0  # C4 keeps lines ending in punctuation; 0 = off
+    max_dup_line_fraction: float = 0.3
+    max_top_ngram_fraction: float = 0.2  # characters in the most frequent word 2-gram
+    max_dup_ngram_fraction: float = 0.5  # characters in repeated word 5-grams
+    max_bullet_line_fraction: float = 0.9
+    max_ellipsis_line_fraction: float = 0.3
+    min_stop_words: int = 2
+    boilerplate: bool = True  # lorem ipsum, javascript notices, cookie banners
+    min_script_fraction: float = 0.0  # share of letters in `script`; 0 = off
+    script: str = "latin"
+
+
+@dataclass(frozen=True)
+class PIIConfig:
+    enabled: bool = True
+    types: List[str] = field(default_factory=lambda: ["email", "phone", "ip", "credit_card", "secret"])
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    shingle_words: int = 3
+    num_perm: int = 128
+    bands: int = 16
+    rows: int = 8
+    threshold: float = 0.7  # Jaccard similarity (estimated) to call two documents near-duplicates
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class CurationConfig:
+    normalize: bool = True
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    write_dropped: bool = False  # side output: every dropped record with its reason
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Sources to tokenize, pack and shard (see ``jobs/prepare.py``)."""
 
@@ -61,6 +110,7 @@ class DataConfig:
     # Where shards go; empty means <run.output_dir>/data/<name>-<config hash>.
     output_dir: Optional[str] = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    curation: CurationConfig = field(default_factory=CurationConfig)
 
 
 @dataclass(frozen=True)
@@ -153,3 +203,4 @@ class ExportConfig:
 
     checkpoint: str = "???"
     output: Optional[str] = None  # default: <checkpoint>/../hf-<checkpoint name>
+
