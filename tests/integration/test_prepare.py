@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tidal.config import DataConfig, TokenizerConfig
+from tidal.config.schema import CurationConfig, DedupConfig, FilterConfig
 from tidal.data.prepare import load_manifest, prepare, tokenizer_path
 from tidal.data.tokenizer import load as load_tokenizer
 
@@ -39,8 +40,13 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(corpus, **kw):
+    # The synthetic paragraphs are deliberately repetitive: quality filters and dedup are
+    # off here (they are tested in test_curation.py); this tests reading and packing.
+    curation = CurationConfig(filters=FilterConfig(enabled=False),
+                              dedup=DedupConfig(exact=False, near=False))
     return DataConfig(name="mini", sources=[str(corpus)], seq_len=32, val_fraction=0.1,
-                      shard_samples=16, tokenizer=TokenizerConfig(vocab_size=300), **kw)
+                      shard_samples=16, tokenizer=TokenizerConfig(vocab_size=300),
+                      curation=curation, **kw)
 
 
 def test_prepare_writes_shards_and_manifest(ray_local, corpus, tmp_path):

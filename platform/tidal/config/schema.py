@@ -76,8 +76,8 @@ class DedupConfig:
     near: bool = True
     shingle_words: int = 3
     num_perm: int = 128
-    bands: int = 16
-    rows: int = 8
+    bands: int = 32  # LSH: bands x rows = num_perm; candidates from Jaccard ~0.4 up,
+    rows: int = 4  # then verified against the threshold on the full signatures
     threshold: float = 0.7  # Jaccard similarity (estimated) to call two documents near-duplicates
     seed: int = 42
 

@@ -51,11 +51,34 @@ def check_data(d: DataConfig, problems: List[str]) -> None:
     _check(problems, 0.0 < d.val_fraction <= 0.5, "data.val_fraction", "in (0, 0.5]", d.val_fraction)
     _check(problems, d.shard_samples >= 1, "data.shard_samples", ">= 1", d.shard_samples)
     _check(problems, d.min_chars >= 1, "data.min_chars", ">= 1", d.min_chars)
+    _check_curation(d, problems)
     t = d.tokenizer
     if t.path is not None and not os.path.isdir(os.path.expanduser(t.path)):
         problems.append(f"data.tokenizer.path: directory '{t.path}' does not exist")
     _check(problems, 256 < t.vocab_size <= 1_000_000, "data.tokenizer.vocab_size",
            "in (256, 1000000] (byte-level BPE needs the 256 bytes plus merges)", t.vocab_size)
+
+
+def _check_curation(d: DataConfig, p: List[str]) -> None:
+    from tidal.data.curate.pii import RULES
+
+    c = d.curation
+    dd = c.dedup
+    _check(p, dd.num_perm >= 8, "data.curation.dedup.num_perm", ">= 8", dd.num_perm)
+    if dd.bands * dd.rows != dd.num_perm:
+        p.append(f"data.curation.dedup.bands: bands x rows ({dd.bands} x {dd.rows}) must equal "
+                 f"num_perm ({dd.num_perm})")
+    _check(p, 0 < dd.threshold <= 1, "data.curation.dedup.threshold", "in (0, 1]", dd.threshold)
+    _check(p, dd.shingle_words >= 1, "data.curation.dedup.shingle_words", ">= 1", dd.shingle_words)
+    kinds = sorted({k for k, *_ in RULES})
+    for i, kind in enumerate(c.pii.types):
+        if kind not in kinds:
+            p.append(f"data.curation.pii.types[{i}]: '{kind}' is not one of {', '.join(kinds)}")
+    f = c.filters
+    _check(p, 0 <= f.min_words <= f.max_words, "data.curation.filters.min_words",
+           f"in [0, max_words={f.max_words}]", f.min_words)
+    if f.script not in ("latin",):
+        p.append(f"data.curation.filters.script: '{f.script}' is not one of latin")
 
 
 def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:

@@ -22,9 +22,12 @@ from tidal.data import io as tio
 from tidal.data import sources as srcs
 from tidal.data import tokenizer as toks
 from tidal.data.corpus import embedded_version
+from tidal.data.curate import report as curate_report
+from tidal.data.curate.pipeline import curate_batch, find_duplicates
 from tidal.data.pack import ShardWriter
 
 MANIFEST = "manifest.json"
+REPORT = "curation_report"
 FORMAT_VERSION = 1
 
 
@@ -115,20 +118,18 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         os.makedirs(out_dir, exist_ok=True)
     # The manifest is written last: without it, a half-written directory is never used.
     tio.remove(tio.join(out_dir, MANIFEST))
-    docs = srcs.documents(cfg, inputs).materialize()
-    tok_dir = _tokenizer_dir(cfg, out_dir, docs, log)
+    kept, report = _curate(cfg, srcs.documents(cfg, inputs), out_dir, log)
+    tok_dir = _tokenizer_dir(cfg, out_dir, kept, log)
     tok_hash = toks.tokenizer_hash(tio.local_dir(tok_dir))
     tok = toks.load(tio.local_dir(tok_dir))
     vocab = len(tok)
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
     writers = {s: ShardWriter(out_dir, s, cfg.seq_len, cfg.shard_samples, dtype)
                for s in ("train", "val")}
-    good = docs.filter(lambda r: not r["error"] and len(r["text"]) >= cfg.min_chars)
-    tokenized = good.map_batches(tokenize_batch, batch_size=256, fn_kwargs={
+    tokenized = kept.map_batches(tokenize_batch, batch_size=256, fn_kwargs={
         "tok_path": tok_dir, "tok_hash": tok_hash, "fraction": cfg.val_fraction, "seed": cfg.seed})
-    errors, error_examples, short = _set_aside(docs, cfg.min_chars)
     n_docs = 0
-    with _progress(good.count()) as advance:
+    with _progress(report["documents_kept"]) as advance:
         for batch in tokenized.iter_batches(batch_size=512, batch_format="numpy"):
             for ids, val, nbytes in zip(batch["ids"], batch["val"], batch["nbytes"]):
                 writers["val" if val else "train"].add(ids.tolist(), tok.eos_token_id, int(nbytes))
@@ -152,13 +153,20 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         "seq_len": cfg.seq_len,
         "sample_width": cfg.seq_len + 1,
         "dtype": np.dtype(dtype).name,
-        "counts": {"records_read": n_docs + short + sum(errors.values()), "documents": n_docs,
-                   "too_short": short, "malformed": errors, "malformed_examples": error_examples,
+        "counts": {"records_read": report["records_in"], "documents": n_docs,
+                   "too_short": report["dropped"].get("length", {}).get("too_short", 0),
+                   "malformed": report["dropped"].get("read", {}),
+                   "malformed_examples": report["malformed_examples"],
                    "train": {k: v for k, v in stats["train"].items() if k != "shards"},
                    "val": {k: v for k, v in stats["val"].items() if k != "shards"}},
+        "curation": {k: v for k, v in report.items() if k != "malformed_examples"},
         "shards": {"train": stats["train"]["shards"], "val": stats["val"]["shards"]},
         "config": to_dict(cfg),
     }
+    report.update(tokens_out=stats["train"]["tokens"] + stats["val"]["tokens"],
+                  samples_out=stats["train"]["samples"] + stats["val"]["samples"])
+    tio.write_bytes(tio.join(out_dir, REPORT + ".json"), json.dumps(report, indent=2).encode())
+    tio.write_bytes(tio.join(out_dir, REPORT + ".md"), curate_report.markdown(report).encode())
     tio.write_bytes(tio.join(out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
     log(f"prepared {n_docs} documents -> {stats['train']['samples']} train / "
         f"{stats['val']['samples']} val samples of {cfg.seq_len + 1} tokens in {time.time() - t0:.1f}s "
@@ -166,21 +174,18 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
     return manifest
 
 
-def _set_aside(docs, min_chars: int) -> Tuple[Dict[str, int], List[Dict], int]:
-    """Count the records that are not used: malformed ones by reason (with a few examples
-    to audit), and those shorter than ``min_chars``."""
-    errors: Dict[str, int] = {}
-    examples: List[Dict] = []
-    short = 0
-    for row in docs.filter(lambda r: bool(r["error"]) or len(r["text"]) < min_chars).iter_rows():
-        if not row["error"]:
-            short += 1
-            continue
-        reason = row["error"].split(":")[0]
-        errors[reason] = errors.get(reason, 0) + 1
-        if len(examples) < 20:
-            examples.append({k: row[k] for k in ("source", "unit", "error")})
-    return errors, examples, short
+def _curate(cfg: DataConfig, docs, out_dir: str, log) -> Tuple[object, Dict]:
+    """Normalize, filter, scrub and dedup; returns the kept documents and the report."""
+    curated = docs.map_batches(curate_batch, batch_size=64, fn_kwargs={
+        "cfg": cfg.curation, "min_chars": cfg.min_chars}).materialize()
+    dups, dedup_stats = find_duplicates(curated, cfg.curation)
+    side = tio.join(out_dir, "dropped.jsonl") if cfg.curation.write_dropped else None
+    report = curate_report.account(curated, dups, dedup_stats, side)
+    dup_ids = set(dups)
+    kept = curated.filter(lambda r: not r["drop"] and int(r["doc_id"]) not in dup_ids)
+    log(f"curated {report['records_in']:,} records: kept {report['documents_kept']:,}, dropped "
+        + (", ".join(f"{s} {sum(r.values()):,}" for s, r in report["dropped"].items()) or "none"))
+    return kept.drop_columns(["sig"]).materialize(), report
 
 
 @contextmanager

@@ -44,8 +44,11 @@ def _open_bytes(uri: str) -> bytes:
     return data
 
 
-def _row(source: str, unit: int, text: str = "", error: str = "") -> Dict:
-    return {"source": source, "unit": unit, "text": text, "error": error}
+def _row(source: str, unit: int, text: str = "", error: str = "", input_index: int = 0) -> Dict:
+    """A document. ``doc_id`` orders documents globally (input file, then position in it)
+    and identifies them in the curation report and dedup clusters."""
+    return {"doc_id": (input_index << 32) | unit, "source": source, "unit": unit, "text": text,
+            "error": error}
 
 
 def _text_units(uri: str, raw: bytes, unit: str) -> Iterator[Dict]:
@@ -110,13 +113,16 @@ def read_file(item: Dict, cfg: DataConfig) -> List[Dict]:
     fmt = detect_format(uri, cfg.format)
     try:
         if fmt == "parquet":
-            return list(_parquet_units(uri, cfg.text_field))
-        raw = _open_bytes(uri)
-        units = _jsonl_units(uri, raw, cfg.text_field) if fmt == "jsonl" else \
-            _text_units(uri, raw, cfg.text_unit)
-        return list(units)
+            rows = list(_parquet_units(uri, cfg.text_field))
+        else:
+            raw = _open_bytes(uri)
+            rows = list(_jsonl_units(uri, raw, cfg.text_field) if fmt == "jsonl" else
+                        _text_units(uri, raw, cfg.text_unit))
     except (OSError, EOFError, ValueError) as e:  # truncated gzip, unreadable file
-        return [_row(uri, 0, error=f"unreadable file: {type(e).__name__}: {e}")]
+        rows = [_row(uri, 0, error=f"unreadable file: {type(e).__name__}: {e}")]
+    for r in rows:
+        r["doc_id"] |= item["index"] << 32
+    return rows
 
 
 def list_sources(cfg: DataConfig) -> List[str]:
@@ -138,12 +144,13 @@ def documents(cfg: DataConfig, inputs: List[str]):
     import ray.data
 
     datasets = []
-    files = [u for u in inputs if not u.startswith("embedded:")]
-    for src in inputs:
+    files = [{"uri": u, "index": i} for i, u in enumerate(inputs) if not u.startswith("embedded:")]
+    for i, src in enumerate(inputs):
         if src.startswith("embedded:"):
-            docs = [_row(sid, 0, text) for sid, text in EMBEDDED[src.split(":", 1)[1]]()]
+            docs = [_row(sid, k, text, input_index=i)
+                    for k, (sid, text) in enumerate(EMBEDDED[src.split(":", 1)[1]]())]
             datasets.append(ray.data.from_items(docs, override_num_blocks=8))
     if files:
-        ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
+        ds = ray.data.from_items(files, override_num_blocks=len(files))
         datasets.append(ds.flat_map(read_file, fn_kwargs={"cfg": cfg}))
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
