@@ -68,7 +68,7 @@ def precheck_overrides(schema: type, argv: list[str]) -> None:
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
-        key = arg.split("=", 1)[0].lstrip("+~")
+        key = arg.split("=", 1)[0].lstrip("+~").replace("/", ".")  # data/curation=off: a group
         if key.startswith("hydra.") or key == "hydra":
             continue
         allowed = allowed_keys(schema, key)

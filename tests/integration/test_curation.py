@@ -82,3 +82,13 @@ def test_report_accounts_for_every_record(ray_local, tmp_path):
     assert not any("example.org" in t for t in tok_vocab)
     assert manifest["curation"]["dropped"] == report["dropped"]
     assert manifest["config"]["curation"]["dedup"]["bands"] == 32
+
+
+def test_nothing_left_after_curation_is_a_clear_error(ray_local, tmp_path):
+    (tmp_path / "short.txt").write_text("Hi.\n\nToo short.\n\nAlso short.")
+    cfg = DataConfig(name="short", sources=[str(tmp_path / "short.txt")], seq_len=16,
+                     tokenizer=TokenizerConfig(vocab_size=300))
+    with pytest.raises(ValueError, match=r"curation kept none of 3 records .*too_few_words"):
+        prepare(cfg, str(tmp_path / "out"))
+    assert os.path.exists(tmp_path / "out" / "curation_report.json")
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")

@@ -15,7 +15,17 @@ import pytest
 pytestmark = pytest.mark.integration
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (dev extra) not installed")
 
+# The synthetic documents are repetitive on purpose; curation is tested elsewhere.
 DOCS = [f"Document {i}. " + " ".join(f"token{(i * 13 + j) % 40}" for j in range(60)) for i in range(40)]
+
+
+def _off():
+    from tidal.config.schema import CurationConfig, DedupConfig, FilterConfig
+
+    return CurationConfig(filters=FilterConfig(enabled=False), dedup=DedupConfig(exact=False, near=False))
+
+
+OFF = _off()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +71,8 @@ def test_prepare_from_and_to_s3(s3_ray):
 
     fs = s3_ray
     cfg = DataConfig(name="s3", sources=["s3://tidal-test/corpus/"], seq_len=32, val_fraction=0.1,
-                     output_dir="s3://tidal-test/prepared", tokenizer=TokenizerConfig(vocab_size=300))
+                     output_dir="s3://tidal-test/prepared", tokenizer=TokenizerConfig(vocab_size=300),
+                     curation=OFF)
     manifest = prepare(cfg, cfg.output_dir)
     assert load_manifest("s3://tidal-test/prepared") == manifest
     assert [i["uri"] for i in manifest["inputs"]] == ["s3://tidal-test/corpus/a.txt",
@@ -94,7 +105,9 @@ def test_training_with_checkpoints_and_export_on_s3(s3_ray, tmp_path):
     cfg = small_cfg(tmp_path, run={"name": "s3run", "storage_path": "s3://tidal-test/runs"},
                     data={"name": "s3", "sources": ["s3://tidal-test/corpus/"], "seq_len": 32,
                           "output_dir": "s3://tidal-test/prepared-train",
-                          "tokenizer": {"vocab_size": 300}},
+                          "tokenizer": {"vocab_size": 300},
+                          "curation": {"filters": {"enabled": False},
+                                       "dedup": {"exact": False, "near": False}}},
                     train={"max_steps": 4, "global_batch_tokens": 512, "checkpoint_every": 2,
                            "eval_every": 2},
                     schedule={"warmup_steps": 1})

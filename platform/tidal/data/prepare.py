@@ -181,6 +181,11 @@ def _curate(cfg: DataConfig, docs, out_dir: str, log) -> Tuple[object, Dict]:
     dups, dedup_stats = find_duplicates(curated, cfg.curation)
     side = tio.join(out_dir, "dropped.jsonl") if cfg.curation.write_dropped else None
     report = curate_report.account(curated, dups, dedup_stats, side)
+    if report["documents_kept"] == 0:
+        tio.write_bytes(tio.join(out_dir, REPORT + ".json"), json.dumps(report, indent=2).encode())
+        raise ValueError(f"data '{cfg.name}': curation kept none of {report['records_in']:,} records "
+                         f"(dropped: {json.dumps(report['dropped'])}); see "
+                         f"{tio.join(out_dir, REPORT + '.json')}, or relax data.curation")
     dup_ids = set(dups)
     kept = curated.filter(lambda r: not r["drop"] and int(r["doc_id"]) not in dup_ids)
     log(f"curated {report['records_in']:,} records: kept {report['documents_kept']:,}, dropped "

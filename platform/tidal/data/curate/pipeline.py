@@ -74,10 +74,12 @@ def _bucket_pairs(group: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 def find_duplicates(curated, cfg: CurationConfig) -> Tuple[Dict[int, Tuple[str, int]], Dict]:
     """``({doc_id: (kind, representative)}, stats)`` for every document to drop as a
     duplicate; the representative (the earliest document of its cluster) is kept."""
-    kept = curated.filter(lambda r: not r["drop"])
+    kept = curated.filter(lambda r: not r["drop"]).materialize()
     dropped: Dict[int, Tuple[str, int]] = {}
     stats = {"exact_removed": 0, "exact_clusters": 0, "near_removed": 0, "near_clusters": 0,
              "near_candidate_pairs": 0}
+    if kept.count() == 0:  # nothing to compare (and a group-by over no rows has no schema)
+        return dropped, stats
     if cfg.dedup.exact:
         dups = kept.select_columns(["doc_id", "exact"]).groupby("exact").map_groups(_exact_dups)
         for row in dups.iter_rows():

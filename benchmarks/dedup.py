@@ -1,0 +1,113 @@
+"""MinHash near-dedup: tidal against datasketch's MinHashLSH (the reference implementation),
+same parameters, same labelled set, same machine, side by side.
+
+The labelled set is built from tinyshakespeare (exact copies, 3 % of words edited,
+paragraphs reordered, boilerplate added, and unique passages). Rows:
+  - datasketch: MinHash (sha1 per shingle) + MinHashLSH(threshold, num_perm), in process;
+  - tidal core: the same functions the Ray Data stage runs (numpy signatures, LSH band keys,
+    verification, union-find), in process;
+  - tidal on Ray Data: the real distributed stage (group-bys over hashes and band keys),
+    including Ray Data's scheduling overhead.
+
+    pip install datasketch   # for the benchmark only
+    python benchmarks/dedup.py [--originals 900]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "jobs"))
+import _hydra  # noqa: E402,F401
+
+import numpy as np  # noqa: E402
+
+from tidal.config.schema import CurationConfig, DedupConfig, FilterConfig, PIIConfig  # noqa: E402
+from tidal.data.curate import dedup as D  # noqa: E402
+from tidal.data.curate import evalset  # noqa: E402
+from tidal.data.curate.normalize import normalize  # noqa: E402
+
+DATA = os.environ.get("TIDAL_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+
+
+def shingles(text: str, n: int) -> set:
+    words = re.findall(r"\w+", text.casefold())
+    return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def run_datasketch(docs, cfg: DedupConfig):
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+    dropped = {}
+    for i, d in enumerate(docs):  # insert in order; a document with an earlier match is a copy
+        m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)
+        m.update_batch([s.encode() for s in shingles(normalize(d), cfg.shingle_words)])
+        hits = lsh.query(m)
+        if hits:
+            dropped[i] = min(hits)
+        lsh.insert(i, m)
+    return dropped
+
+
+def run_core(docs, cfg: DedupConfig):
+    perms = D.permutations(cfg)
+    sigs = [D.signature(normalize(d), cfg, perms) for d in docs]
+    buckets = defaultdict(list)
+    for i, s in enumerate(sigs):
+        for k in D.band_keys(s, cfg):
+            buckets[k].append(i)
+    pairs = {p for b in buckets.values() if len(b) > 1 for p in D.candidate_pairs(b)}
+    verified = [p for p in pairs if D.similarity(sigs[p[0]], sigs[p[1]]) >= cfg.threshold]
+    return {d: r for d, r in D.clusters(verified).items() if d != r}
+
+
+def run_ray(docs, cfg: DedupConfig):
+    import ray.data
+
+    from tidal.data.curate.pipeline import curate_batch, find_duplicates
+
+    cur = CurationConfig(filters=FilterConfig(enabled=False), pii=PIIConfig(enabled=False),
+                         dedup=cfg)
+    ds = ray.data.from_items([{"doc_id": i, "text": d, "error": ""} for i, d in enumerate(docs)],
+                             override_num_blocks=8)
+    curated = ds.map_batches(curate_batch, batch_size=64, fn_kwargs={"cfg": cur}).materialize()
+    dups, _ = find_duplicates(curated, cur)
+    return {d: rep for d, (_, rep) in dups.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--originals", type=int, default=900)
+    ap.add_argument("--per-kind", type=int, default=75)
+    args = ap.parse_args()
+    with open(os.path.join(DATA, "tinyshakespeare", "input.txt")) as f:
+        docs, truth = evalset.build(f.read(), seed=0, n_originals=args.originals,
+                                    per_kind=args.per_kind, words=150)
+    cfg = DedupConfig()
+    from tidal.train.launch import init_ray
+
+    init_ray()
+    rows = []
+    for name, fn in (("datasketch MinHashLSH", run_datasketch), ("tidal core (in process)", run_core),
+                     ("tidal on Ray Data", run_ray)):
+        t0 = time.perf_counter()
+        dropped = fn(docs, cfg)
+        dt = time.perf_counter() - t0
+        rows.append((name, len(docs) / dt, evalset.score(dropped, truth)))
+    print(f"\n{len(docs)} documents ({len(truth)} copies), shingles={cfg.shingle_words} words, "
+          f"num_perm={cfg.num_perm}, threshold={cfg.threshold}, {os.cpu_count()} cores")
+    print(f"{'implementation':<28}{'docs/s':>10}{'precision':>11}{'recall':>8}")
+    for name, rate, sc in rows:
+        print(f"{name:<28}{rate:>10,.0f}{sc['precision']:>11.3f}{sc['recall']:>8.3f}")
+    base = rows[0][1]
+    print(f"speed vs datasketch: core {rows[1][1] / base:.2f}x, Ray Data stage {rows[2][1] / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
