@@ -22,9 +22,11 @@ def test_near_dedup_precision_and_recall_on_labelled_shakespeare(ray_local, tmp_
         for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
     out = tmp_path / "out"
+    # distributed_min_docs=0: the group-bys run as Ray Data hash shuffles, as on a big corpus
     cfg = DataConfig(name="labelled", sources=[str(path)], seq_len=64,
                      tokenizer=TokenizerConfig(vocab_size=512),
-                     curation=CurationConfig(filters=FilterConfig(enabled=False), write_dropped=True))
+                     curation=CurationConfig(filters=FilterConfig(enabled=False), write_dropped=True,
+                                             dedup=DedupConfig(distributed_min_docs=0)))
     manifest = prepare(cfg, str(out))
     with open(out / "dropped.jsonl") as f:
         dropped = [json.loads(line) for line in f]

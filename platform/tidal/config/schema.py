@@ -80,6 +80,9 @@ class DedupConfig:
     rows: int = 4  # then verified against the threshold on the full signatures
     threshold: float = 0.7  # Jaccard similarity (estimated) to call two documents near-duplicates
     seed: int = 42
+    # Below this many documents the group-bys run in the driver with the same functions:
+    # Ray Data's per-stage scheduling costs more than it saves on small corpora.
+    distributed_min_docs: int = 50_000
 
 
 @dataclass(frozen=True)

@@ -56,54 +56,125 @@ def curate_batch(batch: Dict[str, np.ndarray], cfg: CurationConfig,
     return out
 
 
-def _exact_dups(group: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    ids = np.sort(group["doc_id"])
-    return {"doc_id": ids[1:], "rep": np.full(len(ids) - 1, ids[0], dtype=np.int64)}
+def _runs(keys: np.ndarray, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by (key, id): each row's id paired with the first id of its key's run
+    (a star per group connects it; rows that start a run are left out)."""
+    if len(keys) == 0:
+        return ids[:0], ids[:0]
+    start = np.r_[True, keys[1:] != keys[:-1]]
+    first = ids[np.maximum.accumulate(np.where(start, np.arange(len(ids)), 0))]
+    return ids[~start], first[~start]
 
 
-def _band_rows(row: Dict, cfg) -> List[Dict]:
-    return [{"band": k, "doc_id": row["doc_id"]} for k in D.band_keys(row["sig"], cfg)]
+def _exact_partition(group: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """One hash partition of (exact key, doc id) rows -> (duplicate, representative)."""
+    keys = group["exact"].astype(str)
+    order = np.lexsort((group["doc_id"], keys))
+    dup, rep = _runs(keys[order], group["doc_id"][order])
+    return {"doc_id": dup, "rep": rep}
 
 
-def _bucket_pairs(group: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    pairs = D.candidate_pairs(np.unique(group["doc_id"]).tolist())
-    return {"a": np.array([p[0] for p in pairs], dtype=np.int64),
-            "b": np.array([p[1] for p in pairs], dtype=np.int64)}
+def _band_rows(batch: Dict[str, np.ndarray], cfg, parts: int) -> Dict[str, np.ndarray]:
+    keys = np.array([D.band_keys(sig, cfg) for sig in batch["sig"]], dtype=np.int64).reshape(-1)
+    ids = np.repeat(batch["doc_id"].astype(np.int64), cfg.bands)
+    return {"band": keys, "doc_id": ids, "part": keys % parts}
+
+
+def _bucket_partition(group: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """One hash partition of (band key, doc id) rows -> candidate pairs within buckets."""
+    order = np.lexsort((group["doc_id"], group["band"]))
+    b, a = _runs(group["band"][order], group["doc_id"][order])
+    return {"a": a, "b": b}
+
+
+def _partitions() -> int:
+    import ray
+
+    return max(2, int(ray.cluster_resources().get("CPU", 2)))
+
+
+class _Local:
+    """A small data set held as numpy columns in the driver, with the two Ray Data methods
+    the dedup stage uses: the same partition functions then run in this process."""
+
+    def __init__(self, ds):
+        batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        self.cols = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def select_columns(self, names):
+        out = _Local.__new__(_Local)
+        out.cols = {k: self.cols[k] for k in names}
+        return out
+
+    def map_batches(self, fn, fn_kwargs=None):
+        out = _Local.__new__(_Local)
+        out.cols = fn(self.cols, **(fn_kwargs or {}))
+        return out
+
+    def iter_batches(self):
+        return iter([self.cols])
+
+
+def _grouped(ds, fn, parts: int) -> List[Dict[str, np.ndarray]]:
+    """``fn`` over each hash partition (column ``part``) of ``ds``: a Ray Data group-by, or
+    one call over all rows of a ``_Local`` set."""
+    if isinstance(ds, _Local):
+        return [fn(ds.cols)]
+    grouped = ds.groupby("part", num_partitions=parts).map_groups(fn, batch_format="numpy")
+    return list(grouped.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def _exact_dups(kept, parts: int) -> Dict[int, Tuple[str, int]]:
+    keyed = kept.select_columns(["doc_id", "exact"]).map_batches(
+        lambda b: dict(b, part=np.array([int(k[:8], 16) % parts for k in b["exact"]], dtype=np.int64)))
+    out = {}
+    for r in _grouped(keyed, _exact_partition, parts):
+        out.update({int(d): ("exact", int(rep)) for d, rep in zip(r["doc_id"], r["rep"])})
+    return out
+
+
+def _near_dups(unique, cfg: CurationConfig, parts: int) -> Tuple[Dict[int, Tuple[str, int]], int]:
+    bands = unique.select_columns(["doc_id", "sig"]).map_batches(
+        _band_rows, fn_kwargs={"cfg": cfg.dedup, "parts": parts})
+    candidates = sorted({(int(a), int(b)) for r in _grouped(bands, _bucket_partition, parts)
+                         for a, b in zip(r["a"], r["b"])})
+    if not candidates:
+        return {}, 0
+    involved = np.array(sorted({i for p in candidates for i in p}), dtype=np.int64)
+    sigs = {}
+    for batch in unique.select_columns(["doc_id", "sig"]).map_batches(
+            lambda b: {k: v[np.isin(b["doc_id"], involved)] for k, v in b.items()}).iter_batches():
+        sigs.update(zip(batch["doc_id"].tolist(), batch["sig"]))
+    verified = [(a, b) for a, b in candidates if D.similarity(sigs[a], sigs[b]) >= cfg.dedup.threshold]
+    reps = D.clusters(verified)
+    return {d: ("near", r) for d, r in reps.items() if d != r}, len(candidates)
 
 
 def find_duplicates(curated, cfg: CurationConfig) -> Tuple[Dict[int, Tuple[str, int]], Dict]:
     """``({doc_id: (kind, representative)}, stats)`` for every document to drop as a
-    duplicate; the representative (the earliest document of its cluster) is kept."""
+    duplicate; the representative (the earliest document of its cluster) is kept. Exact
+    keys and LSH band keys are hash-partitioned across the cluster (one group per
+    partition, handled with vectorized sorts); only candidate pairs come to the driver.
+    Below ``dedup.distributed_min_docs`` the same partition functions run in the driver."""
     kept = curated.filter(lambda r: not r["drop"]).materialize()
     dropped: Dict[int, Tuple[str, int]] = {}
     stats = {"exact_removed": 0, "exact_clusters": 0, "near_removed": 0, "near_clusters": 0,
              "near_candidate_pairs": 0}
     if kept.count() == 0:  # nothing to compare (and a group-by over no rows has no schema)
         return dropped, stats
+    parts = _partitions()
+    if kept.count() < cfg.dedup.distributed_min_docs:
+        kept = _Local(kept.select_columns(["doc_id", "exact", "sig"]))
     if cfg.dedup.exact:
-        dups = kept.select_columns(["doc_id", "exact"]).groupby("exact").map_groups(_exact_dups)
-        for row in dups.iter_rows():
-            dropped[int(row["doc_id"])] = ("exact", int(row["rep"]))
+        dropped = _exact_dups(kept, parts)
         stats["exact_removed"] = len(dropped)
         stats["exact_clusters"] = len({rep for _, rep in dropped.values()})
     if cfg.dedup.near:
-        exact_ids = set(dropped)
-        unique = kept.filter(lambda r: int(r["doc_id"]) not in exact_ids) if exact_ids else kept
-        pairs = (unique.select_columns(["doc_id", "sig"])
-                 .flat_map(_band_rows, fn_kwargs={"cfg": cfg.dedup})
-                 .groupby("band").map_groups(_bucket_pairs))
-        candidates = {(int(r["a"]), int(r["b"])) for r in pairs.iter_rows()}
-        stats["near_candidate_pairs"] = len(candidates)
-        involved = {i for p in candidates for i in p}
-        sigs = {int(r["doc_id"]): np.asarray(r["sig"]) for r in
-                unique.filter(lambda r: int(r["doc_id"]) in involved)
-                .select_columns(["doc_id", "sig"]).iter_rows()} if involved else {}
-        verified = [(a, b) for a, b in sorted(candidates)
-                    if D.similarity(sigs[a], sigs[b]) >= cfg.dedup.threshold]
-        reps = D.clusters(verified)
-        for doc, rep in reps.items():
-            if doc != rep:
-                dropped[doc] = ("near", rep)
-        stats["near_removed"] = sum(1 for d, r in reps.items() if d != r)
-        stats["near_clusters"] = len(set(reps.values()))
+        exact_ids = np.array(sorted(dropped), dtype=np.int64)
+        unique = kept.map_batches(lambda b: {k: v[~np.isin(b["doc_id"], exact_ids)] for k, v in b.items()}) \
+            if len(exact_ids) else kept
+        near, stats["near_candidate_pairs"] = _near_dups(unique, cfg, parts)
+        dropped.update(near)
+        stats["near_removed"] = len(near)
+        stats["near_clusters"] = len({rep for _, rep in near.values()})
     return dropped, stats
