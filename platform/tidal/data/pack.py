@@ -27,8 +27,10 @@ class ShardWriter:
         self.tokens_in = 0
         self.bytes_in = 0
 
-    def add(self, ids: List[int], eos: int, nbytes: int = 0) -> None:
-        arr = np.asarray(list(ids) + [eos], dtype=np.int64)
+    def add(self, ids, eos: int, nbytes: int = 0) -> None:
+        arr = np.empty(len(ids) + 1, dtype=np.int64)
+        arr[:-1] = ids
+        arr[-1] = eos
         self.documents += 1
         self.bytes_in += nbytes
         self.tokens_in += len(arr)
