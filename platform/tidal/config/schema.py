@@ -95,6 +95,18 @@ class CurationConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One named source of a mixture, read with its own format and text field."""
+
+    name: str = "source"
+    sources: List[str] = field(default_factory=list)
+    format: str = "auto"
+    text_field: str = "text"
+    text_unit: str = "paragraph"
+    weight: float = 1.0  # share of training tokens, relative to the other sources
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Sources to tokenize, pack and shard (see ``jobs/prepare.py``)."""
 
@@ -114,6 +126,11 @@ class DataConfig:
     output_dir: Optional[str] = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
+    # Several named sources with sampling weights; when set, `sources` and the reading
+    # options above are not used. downsample: no document repeats, the largest mixture the
+    # data allows; upsample: sources below their share are repeated, nothing is left out.
+    mixture: List[SourceConfig] = field(default_factory=list)
+    mixture_mode: str = "downsample"
 
 
 @dataclass(frozen=True)

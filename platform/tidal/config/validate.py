@@ -35,16 +35,32 @@ def source_exists(src: str) -> bool:
     return bool(glob.glob(os.path.expanduser(src))) or os.path.exists(os.path.expanduser(src))
 
 
-def check_data(d: DataConfig, problems: List[str]) -> None:
+def _check_sources(sources, key: str, problems: List[str]) -> None:
     from tidal.data.corpus import EMBEDDED
 
-    _check(problems, len(d.sources) > 0, "data.sources", "a non-empty list", d.sources)
-    for i, src in enumerate(d.sources):
+    _check(problems, len(sources) > 0, key, "a non-empty list", sources)
+    for i, src in enumerate(sources):
         if src.startswith("embedded:") and src.split(":", 1)[1] not in EMBEDDED:
-            problems.append(f"data.sources[{i}]: unknown embedded corpus '{src}'; "
+            problems.append(f"{key}[{i}]: unknown embedded corpus '{src}'; "
                             f"allowed: {', '.join('embedded:' + k for k in EMBEDDED)}")
         elif not source_exists(src):
-            problems.append(f"data.sources[{i}]: path '{src}' does not exist")
+            problems.append(f"{key}[{i}]: path '{src}' does not exist")
+
+
+def check_data(d: DataConfig, problems: List[str]) -> None:
+    if not d.mixture:
+        _check_sources(d.sources, "data.sources", problems)
+    names = [m.name for m in d.mixture]
+    for j, m in enumerate(d.mixture):
+        key = f"data.mixture[{j}]"
+        _check_sources(m.sources, f"{key}.sources", problems)
+        _check(problems, m.weight > 0, f"{key}.weight", "> 0", m.weight)
+        if m.format not in ALLOWED["data.format"]:
+            problems.append(f"{key}.format: '{m.format}' is not one of {', '.join(ALLOWED['data.format'])}")
+        if names.count(m.name) > 1:
+            problems.append(f"{key}.name: '{m.name}' is used by more than one source")
+    if d.mixture_mode not in ("downsample", "upsample"):
+        problems.append(f"data.mixture_mode: '{d.mixture_mode}' is not one of downsample, upsample")
     _choice(problems, "data.format", d.format)
     _choice(problems, "data.text_unit", d.text_unit)
     _check(problems, d.seq_len >= 8, "data.seq_len", ">= 8", d.seq_len)

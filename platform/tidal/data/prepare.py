@@ -20,6 +20,7 @@ import numpy as np
 
 from tidal.config import DataConfig, fingerprint, to_dict
 from tidal.data import io as tio
+from tidal.data import mixture
 from tidal.data import sources as srcs
 from tidal.data import tokenizer as toks
 from tidal.data.corpus import embedded_version
@@ -39,6 +40,9 @@ def data_key(cfg: DataConfig) -> str:
     """The part of the data config that determines the shards' content."""
     d = to_dict(cfg)
     d.pop("output_dir")
+    if d["mixture"]:  # the mixture's own sources and reading options are what count
+        for unused in ("sources", "format", "text_field", "text_unit"):
+            d.pop(unused)
     return fingerprint(d, 10)
 
 
@@ -72,6 +76,7 @@ def tokenize_batch(batch, tok_path: str, tok_hash: str, fraction: float, seed: i
 
     tok = _cached_tokenizer(tok_path, tok_hash)
     texts = batch.column("text").to_pylist()
+    extra = {"mix": batch.column("mix")} if "mix" in batch.column_names else {}
     enc = tok.encode_batch(texts, add_special_tokens=False) if texts else []
     lengths = np.fromiter((len(e) for e in enc), dtype=np.int32, count=len(enc))
     flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in enc), dtype=np.int32,
@@ -80,12 +85,12 @@ def tokenize_batch(batch, tok_path: str, tok_hash: str, fraction: float, seed: i
     return pa.table({
         "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
         "val": pa.array([is_val(t, fraction, seed) for t in texts], type=pa.bool_()),
-        "nbytes": pa.array([len(t.encode("utf-8")) for t in texts], type=pa.int64())})
+        "nbytes": pa.array([len(t.encode("utf-8")) for t in texts], type=pa.int64()), **extra})
 
 
-def _hash_inputs(inputs: List[str]) -> List[Dict]:
+def _hash_inputs(inputs: List, groups: List) -> List[Dict]:
     out = []
-    for uri in inputs:
+    for uri, g in inputs:
         if uri.startswith("embedded:"):
             docs = srcs.EMBEDDED[uri.split(":", 1)[1]]()
             h = hashlib.sha256()
@@ -94,11 +99,11 @@ def _hash_inputs(inputs: List[str]) -> List[Dict]:
                 b = text.encode()
                 h.update(sid.encode() + b"\0" + b)
                 size += len(b)
-            out.append({"uri": uri, "sha256": h.hexdigest(), "bytes": size,
-                        "version": embedded_version()})
+            out.append({"uri": uri, "source": groups[g].name, "sha256": h.hexdigest(),
+                        "bytes": size, "version": embedded_version()})
         else:
             digest, size = tio.sha256_file(uri)
-            out.append({"uri": uri, "sha256": digest, "bytes": size})
+            out.append({"uri": uri, "source": groups[g].name, "sha256": digest, "bytes": size})
     return out
 
 
@@ -131,7 +136,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")
     t0 = time.time()
-    inputs = srcs.list_sources(cfg)
+    inputs = srcs.list_inputs(cfg)
     if not tio.is_cloud(out_dir):
         os.makedirs(out_dir, exist_ok=True)
     # The manifest is written last: without it, a half-written directory is never used.
@@ -144,9 +149,13 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
     writers = {s: ShardWriter(out_dir, s, cfg.seq_len, cfg.shard_samples, dtype)
                for s in ("train", "val")}
-    tokenized = kept.select_columns(["text"]).map_batches(
+    tokenized = kept.select_columns(["text", "mix"]).map_batches(
         tokenize_batch, batch_size=TOKENIZE_BATCH, batch_format="pyarrow", fn_kwargs={
             "tok_path": tok_dir, "tok_hash": tok_hash, "fraction": cfg.val_fraction, "seed": cfg.seed})
+    counts, mix_summary = None, None
+    if cfg.mixture:  # two passes: lengths per source first, then the weighted stream
+        tokenized = tokenized.materialize()
+        counts, mix_summary = _mixture_plan(cfg, tokenized)
     n_docs = 0
     with _progress(report["documents_kept"]) as advance:
         for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -154,8 +163,9 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
             flat, offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
             for k, (val, nbytes) in enumerate(zip(batch.column("val").to_pylist(),
                                                   batch.column("nbytes").to_pylist())):
-                writers["val" if val else "train"].add(flat[offsets[k]:offsets[k + 1]],
-                                                       tok.eos_token_id, nbytes)
+                for _ in range(1 if counts is None else int(counts[n_docs])):
+                    writers["val" if val else "train"].add(flat[offsets[k]:offsets[k + 1]],
+                                                           tok.eos_token_id, nbytes)
                 n_docs += 1
             advance(batch.num_rows, len(flat))
     train, val = writers["train"], writers["val"]
@@ -170,7 +180,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         "format_version": FORMAT_VERSION,
         "name": cfg.name,
         "data_key": data_key(cfg),
-        "inputs": _hash_inputs(inputs),
+        "inputs": _hash_inputs(inputs, srcs.source_groups(cfg)),
         "tokenizer": {"path": _relative(tok_dir, out_dir), "sha256": tok_hash, "vocab_size": vocab,
                       "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
         "seq_len": cfg.seq_len,
@@ -183,6 +193,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
                    "train": {k: v for k, v in stats["train"].items() if k != "shards"},
                    "val": {k: v for k, v in stats["val"].items() if k != "shards"}},
         "curation": {k: v for k, v in report.items() if k != "malformed_examples"},
+        "mixture": mix_summary,
         "shards": {"train": stats["train"]["shards"], "val": stats["val"]["shards"]},
         "config": to_dict(cfg),
     }
@@ -195,6 +206,24 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         f"{stats['val']['samples']} val samples of {cfg.seq_len + 1} tokens in {time.time() - t0:.1f}s "
         f"-> {out_dir}")
     return manifest
+
+
+def _mixture_plan(cfg: DataConfig, tokenized) -> Tuple[np.ndarray, Dict]:
+    """Per-document multiplicities that give each named source its share of training tokens."""
+    parts = list(tokenized.select_columns(["mix", "val", "ids"]).iter_batches(
+        batch_size=None, batch_format="pyarrow"))
+    names = np.concatenate([np.asarray(b.column("mix").to_pylist(), dtype=object) for b in parts])
+    is_val = np.concatenate([b.column("val").to_numpy(zero_copy_only=False) for b in parts])
+    lengths = np.concatenate([pc_lengths(b.column("ids")) for b in parts]) + 1  # + EOS
+    weights = {s.name: s.weight for s in cfg.mixture}
+    counts = mixture.plan(names, lengths, is_val, weights, cfg.mixture_mode, cfg.seed)
+    return counts, mixture.summary(names, lengths, is_val, counts, weights)
+
+
+def pc_lengths(column) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _curate(cfg: DataConfig, docs, out_dir: str, log) -> Tuple[object, Dict]:

@@ -10,9 +10,9 @@ import gzip
 import io
 import json
 import re
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
-from tidal.config.schema import DataConfig
+from tidal.config.schema import DataConfig, SourceConfig
 from tidal.data import io as tio
 from tidal.data.corpus import EMBEDDED
 
@@ -107,7 +107,7 @@ def _parquet_units(uri: str, field: str) -> Iterator[Dict]:
             yield _row(uri, i, error=f"record has no string field '{field}'")
 
 
-def read_file(item: Dict, cfg: DataConfig) -> List[Dict]:
+def read_file(item: Dict, cfg: SourceConfig) -> List[Dict]:
     """Ray Data ``flat_map`` body: all documents of one file, or one error row."""
     uri = item["uri"]
     fmt = detect_format(uri, cfg.format)
@@ -122,35 +122,52 @@ def read_file(item: Dict, cfg: DataConfig) -> List[Dict]:
         rows = [_row(uri, 0, error=f"unreadable file: {type(e).__name__}: {e}")]
     for r in rows:
         r["doc_id"] |= item["index"] << 32
+        r["mix"] = item["mix"]
     return rows
 
 
-def list_sources(cfg: DataConfig) -> List[str]:
-    """Every input, expanded: embedded corpora by name, then files in sorted order."""
-    out: List[str] = []
-    for src in cfg.sources:
-        if src.startswith("embedded:"):
-            out.append(src)
-        else:
+def source_groups(cfg: DataConfig) -> List[SourceConfig]:
+    """The named sources to read: the mixture, or the data config's own sources as one."""
+    if cfg.mixture:
+        return list(cfg.mixture)
+    return [SourceConfig(name=cfg.name, sources=list(cfg.sources), format=cfg.format,
+                         text_field=cfg.text_field, text_unit=cfg.text_unit)]
+
+
+def list_inputs(cfg: DataConfig) -> List[Tuple[str, int]]:
+    """Every input as ``(uri, group index)``, expanded: embedded corpora by name, files of
+    each path, directory or glob in sorted order."""
+    out: List[Tuple[str, int]] = []
+    for g, group in enumerate(source_groups(cfg)):
+        for src in group.sources:
+            if src.startswith("embedded:"):
+                out.append((src, g))
+                continue
             files = tio.expand(src)
             if not files:
                 raise FileNotFoundError(f"data source '{src}' matched no files")
-            out.extend(files)
+            out.extend((f, g) for f in files)
     return out
 
 
-def documents(cfg: DataConfig, inputs: List[str]):
-    """A Ray Dataset of document rows over ``inputs`` (order preserved)."""
+def documents(cfg: DataConfig, inputs: List[Tuple[str, int]]):
+    """A Ray Dataset of document rows over ``inputs`` (order preserved); each row's ``mix``
+    names its source group."""
     import ray.data
 
     datasets = []
-    files = [{"uri": u, "index": i} for i, u in enumerate(inputs) if not u.startswith("embedded:")]
-    for i, src in enumerate(inputs):
-        if src.startswith("embedded:"):
-            docs = [_row(sid, k, text, input_index=i)
-                    for k, (sid, text) in enumerate(EMBEDDED[src.split(":", 1)[1]]())]
-            datasets.append(ray.data.from_items(docs, override_num_blocks=8))
-    if files:
-        ds = ray.data.from_items(files, override_num_blocks=len(files))
-        datasets.append(ds.flat_map(read_file, fn_kwargs={"cfg": cfg}))
+    for g, group in enumerate(source_groups(cfg)):
+        files = []
+        for i, (src, gi) in enumerate(inputs):
+            if gi != g:
+                continue
+            if src.startswith("embedded:"):
+                docs = [dict(_row(sid, k, text, input_index=i), mix=group.name)
+                        for k, (sid, text) in enumerate(EMBEDDED[src.split(":", 1)[1]]())]
+                datasets.append(ray.data.from_items(docs, override_num_blocks=8))
+            else:
+                files.append({"uri": src, "index": i, "mix": group.name})
+        if files:  # one task per file, read with this group's format and text field
+            ds = ray.data.from_items(files, override_num_blocks=len(files))
+            datasets.append(ds.flat_map(read_file, fn_kwargs={"cfg": group}))
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
