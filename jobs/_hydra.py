@@ -35,6 +35,9 @@ def _mutable_twin(cls: type, cache: dict) -> type:
     fields = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+            tp = typing.List[_mutable_twin(args[0], cache)]  # e.g. data.mixture entries
         if dataclasses.is_dataclass(tp):
             twin = _mutable_twin(tp, cache)
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None

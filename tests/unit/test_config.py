@@ -140,3 +140,11 @@ def test_job_prints_resolved_config():
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "lr: 0.0123" in out and "hidden_size: 768" in out and "name: wsd" in out
+
+
+def test_job_mixture_entries_are_overridable_and_validated():
+    p, _ = _job("data=shared_mix", "data.mixture.0.weight=-1", "data/curation=off")
+    assert p.returncode == 2, p.stderr
+    assert "data.mixture[0].weight: must be > 0, got -1.0" in p.stderr
+    p, _ = _job("--cfg", "job", "data=shared_mix", "data.mixture.1.text_field=instruction")
+    assert p.returncode == 0 and "text_field: instruction" in p.stdout
