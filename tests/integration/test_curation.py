@@ -94,3 +94,25 @@ def test_nothing_left_after_curation_is_a_clear_error(ray_local, tmp_path):
         prepare(cfg, str(tmp_path / "out"))
     assert os.path.exists(tmp_path / "out" / "curation_report.json")
     assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+def test_curriculum_scores_reach_the_loader(ray_local, tmp_path):
+    import numpy as np
+
+    from tidal.config.schema import CurriculumConfig, DedupConfig
+    from tidal.data.loader import GlobalSampleLoader
+
+    cfg = DataConfig(name="cur", sources=[SHAKESPEARE], seq_len=64,
+                     tokenizer=TokenizerConfig(vocab_size=512),
+                     curation=CurationConfig(filters=FilterConfig(enabled=False),
+                                             dedup=DedupConfig(near=False)),
+                     curriculum=CurriculumConfig(score="length", epochs=1))
+    out = str(tmp_path / "cur")
+    manifest = prepare(cfg, out)
+    scores = np.load(os.path.join(out, "train_scores.npy"))
+    assert manifest["curriculum"]["score"] == "length"
+    assert len(scores) == manifest["counts"]["train"]["samples"] and scores.std() > 0
+    loader = GlobalSampleLoader(out, manifest, seed=0, global_batch=32)
+    first = scores[loader.global_indices(0, 32)].mean()
+    last = scores[loader.global_indices(len(scores) - 32, 32)].mean()
+    assert first < last  # short speeches first

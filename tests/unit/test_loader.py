@@ -82,3 +82,20 @@ def test_validation_is_dealt_to_ranks_without_overlap(data_dir):
     loader = GlobalSampleLoader(path, manifest, seed=1, global_batch=16)
     seen = sum((len(mb) for r in range(3) for mb in loader.val_batches(10, r, 3, 2)), 0)
     assert seen == 10
+
+
+def test_curriculum_serves_easy_samples_first_then_random(data_dir):
+    path, manifest = data_dir
+    n = 103
+    scores = np.arange(n, dtype=np.float32)[::-1].copy()  # sample i has score n-1-i
+    scores[10] = scores[11]  # a tie, broken by the seeded key
+    tio.save_npy(f"{path}/train_scores.npy", scores)
+    cur = dict(manifest, curriculum={"score": "length", "epochs": 1, "file": "train_scores.npy"})
+    loader = GlobalSampleLoader(path, cur, seed=3, global_batch=16)
+    first_epoch = [int(i) for i in loader.global_indices(0, n)]
+    assert [scores[i] for i in first_epoch] == sorted(scores.tolist())  # easy to hard
+    second = [int(i) for i in loader.global_indices(n, n)]
+    assert sorted(second) == list(range(n)) and second != first_epoch
+    assert second == [int(i) for i in GlobalSampleLoader(path, manifest, 3, 16).global_indices(n, n)]
+    for world in (2, 4):  # still the same samples per step whatever the world size
+        assert step_samples(loader, 32, world, 2) == step_samples(loader, 32, 1, 4)

@@ -95,6 +95,15 @@ class CurationConfig:
 
 
 @dataclass(frozen=True)
+class CurriculumConfig:
+    """Order training samples from easy to hard for the first ``epochs`` epochs (then
+    random). ``score`` names a scorer in ``tidal.data.curriculum.SCORERS``; null: off."""
+
+    score: Optional[str] = None
+    epochs: int = 1
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     """One named source of a mixture, read with its own format and text field."""
 
@@ -131,6 +140,7 @@ class DataConfig:
     # data allows; upsample: sources below their share are repeated, nothing is left out.
     mixture: List[SourceConfig] = field(default_factory=list)
     mixture_mode: str = "downsample"
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 @dataclass(frozen=True)

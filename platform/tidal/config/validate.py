@@ -59,6 +59,12 @@ def check_data(d: DataConfig, problems: List[str]) -> None:
             problems.append(f"{key}.format: '{m.format}' is not one of {', '.join(ALLOWED['data.format'])}")
         if names.count(m.name) > 1:
             problems.append(f"{key}.name: '{m.name}' is used by more than one source")
+    from tidal.data.curriculum import SCORERS
+
+    if d.curriculum.score is not None and d.curriculum.score not in SCORERS:
+        problems.append(f"data.curriculum.score: '{d.curriculum.score}' is not one of "
+                        f"{', '.join(sorted(SCORERS))} (or null)")
+    _check(problems, d.curriculum.epochs >= 1, "data.curriculum.epochs", ">= 1", d.curriculum.epochs)
     if d.mixture_mode not in ("downsample", "upsample"):
         problems.append(f"data.mixture_mode: '{d.mixture_mode}' is not one of downsample, upsample")
     _choice(problems, "data.format", d.format)

@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List
 import numpy as np
 
 from tidal.data import io as tio
+from tidal.data.curriculum import curriculum_order
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -43,10 +44,17 @@ class GlobalSampleLoader:
         self.val = ShardSet(data_dir, manifest["shards"]["val"])
         self.seed, self.global_batch = seed, global_batch
         self._orders: Dict[int, np.ndarray] = {}
+        cur = manifest.get("curriculum")
+        self.scores = tio.load_npy(tio.join(data_dir, cur["file"])) if cur else None
+        self.curriculum_epochs = cur["epochs"] if cur else 0
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(len(self.train), self.seed, epoch)}
+            if epoch < self.curriculum_epochs:  # easy to hard, still a function of (seed, epoch)
+                order = curriculum_order(np.asarray(self.scores), self.seed, epoch)
+            else:
+                order = epoch_order(len(self.train), self.seed, epoch)
+            self._orders = {epoch: order}
         return self._orders[epoch]
 
     def global_indices(self, cursor: int, count: int) -> np.ndarray:

@@ -26,11 +26,15 @@ class ShardWriter:
         self.documents = 0
         self.tokens_in = 0
         self.bytes_in = 0
+        self._sbuf: List[np.ndarray] = []  # per-token document scores, beside _buf
+        self.scores: List[float] = []  # one per packed sample, in output order
 
-    def add(self, ids, eos: int, nbytes: int = 0) -> None:
+    def add(self, ids, eos: int, nbytes: int = 0, score: float = 0.0) -> None:
+        """Append a document (and EOS); ``score`` is its curriculum difficulty."""
         arr = np.empty(len(ids) + 1, dtype=np.int64)
         arr[:-1] = ids
         arr[-1] = eos
+        self._sbuf.append(np.full(len(arr), score, dtype=np.float32))
         self.documents += 1
         self.bytes_in += nbytes
         self.tokens_in += len(arr)
@@ -43,13 +47,16 @@ class ShardWriter:
         if self._buffered < width:
             return
         stream = np.concatenate(self._buf)
+        sstream = np.concatenate(self._sbuf)
         n = (len(stream) - 1) // self.seq_len
         if n == 0:
             return
         idx = np.arange(n)[:, None] * self.seq_len + np.arange(width)[None, :]
         self._pending.append(stream[idx].astype(self.dtype))
+        self.scores.extend(sstream[idx].mean(axis=1).tolist())  # token-weighted
         rest = stream[n * self.seq_len:]
         self._buf, self._buffered = [rest], len(rest)
+        self._sbuf = [sstream[n * self.seq_len:]]
         while sum(len(p) for p in self._pending) >= self.shard_samples:
             self._flush(self.shard_samples)
 
@@ -70,11 +77,13 @@ class ShardWriter:
         allp = self.pending_samples()
         taken, keep = allp[len(allp) - count:], allp[: len(allp) - count]
         self._pending = [keep] if len(keep) else []
+        del self.scores[len(self.scores) - count:]
         return taken
 
     def add_samples(self, samples: np.ndarray) -> None:
         if len(samples):
             self._pending.append(samples.astype(self.dtype))
+            self.scores.extend([0.0] * len(samples))
 
     def close(self) -> Dict:
         leftover = self._buffered

@@ -21,6 +21,7 @@ import numpy as np
 from tidal.config import DataConfig, fingerprint, to_dict
 from tidal.data import io as tio
 from tidal.data import mixture
+from tidal.data.curriculum import SCORERS
 from tidal.data import sources as srcs
 from tidal.data import tokenizer as toks
 from tidal.data.corpus import embedded_version
@@ -156,6 +157,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
     if cfg.mixture:  # two passes: lengths per source first, then the weighted stream
         tokenized = tokenized.materialize()
         counts, mix_summary = _mixture_plan(cfg, tokenized)
+    scorer = SCORERS.get_or_raise(cfg.curriculum.score) if cfg.curriculum.score else None
     n_docs = 0
     with _progress(report["documents_kept"]) as advance:
         for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -163,9 +165,10 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
             flat, offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
             for k, (val, nbytes) in enumerate(zip(batch.column("val").to_pylist(),
                                                   batch.column("nbytes").to_pylist())):
+                doc = flat[offsets[k]:offsets[k + 1]]
+                score = scorer(doc, nbytes) if scorer is not None else 0.0
                 for _ in range(1 if counts is None else int(counts[n_docs])):
-                    writers["val" if val else "train"].add(flat[offsets[k]:offsets[k + 1]],
-                                                           tok.eos_token_id, nbytes)
+                    writers["val" if val else "train"].add(doc, tok.eos_token_id, nbytes, score)
                 n_docs += 1
             advance(batch.num_rows, len(flat))
     train, val = writers["train"], writers["val"]
@@ -173,6 +176,11 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         move = max(1, round(cfg.val_fraction * len(train.pending_samples())))
         val.add_samples(train.take_pending(move))
     stats = {"train": train.close(), "val": val.close()}
+    curriculum = None
+    if scorer is not None:  # one difficulty per training sample, in shard order
+        digest = tio.save_npy(tio.join(out_dir, "train_scores.npy"), np.asarray(train.scores, np.float32))
+        curriculum = {"score": cfg.curriculum.score, "epochs": cfg.curriculum.epochs,
+                      "file": "train_scores.npy", "sha256": digest}
     if stats["train"]["samples"] == 0 or stats["val"]["samples"] == 0:
         raise ValueError(f"data '{cfg.name}': too little text for seq_len={cfg.seq_len}: "
                          f"{stats['train']['samples']} train / {stats['val']['samples']} val samples")
@@ -194,6 +202,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
                    "val": {k: v for k, v in stats["val"].items() if k != "shards"}},
         "curation": {k: v for k, v in report.items() if k != "malformed_examples"},
         "mixture": mix_summary,
+        "curriculum": curriculum,
         "shards": {"train": stats["train"]["shards"], "val": stats["val"]["shards"]},
         "config": to_dict(cfg),
     }
