@@ -116,3 +116,20 @@ def test_curriculum_scores_reach_the_loader(ray_local, tmp_path):
     first = scores[loader.global_indices(0, 32)].mean()
     last = scores[loader.global_indices(len(scores) - 32, 32)].mean()
     assert first < last  # short speeches first
+
+
+def test_upsampled_mixture_repeats_the_small_source(ray_local, tmp_path):
+    from tidal.config.schema import DedupConfig, SourceConfig
+
+    para = "The {} of the river ran past the mill and the old stone bridge near the town."
+    (tmp_path / "small.txt").write_text("\n\n".join(para.format(w) for w in ("bank", "bend", "mouth")))
+    (tmp_path / "big.txt").write_text("\n\n".join(para.format(f"part {i}") for i in range(40)))
+    off = CurationConfig(filters=FilterConfig(enabled=False), dedup=DedupConfig(exact=False, near=False))
+    cfg = DataConfig(name="up", seq_len=16, val_fraction=0.05, tokenizer=TokenizerConfig(vocab_size=300),
+                     curation=off, mixture_mode="upsample", mixture=[
+                         SourceConfig(name="small", sources=[str(tmp_path / "small.txt")], weight=1),
+                         SourceConfig(name="big", sources=[str(tmp_path / "big.txt")], weight=1)])
+    m = prepare(cfg, str(tmp_path / "out"))
+    mix = m["mixture"]
+    assert mix["small"]["effective_share"] == pytest.approx(0.5, abs=0.05)
+    assert mix["small"]["documents_used"] > 3 * 5 and mix["big"]["tokens_used"] == mix["big"]["tokens_available"]

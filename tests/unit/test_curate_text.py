@@ -98,3 +98,26 @@ def test_secrets_and_selected_types_only():
     out, counts = scrub(text, ["secret"])
     assert out == "key <SECRET> token <SECRET> mail me@example.org"
     assert counts == {"secret": 2}
+
+
+def test_numbers_that_are_not_pii_stay():
+    for text in ("Population 10 000 000 in the census.", "It cost 12.345.678 lire.",
+                 "The years 1990 2000 2010 were good.", "Scores 2021 2022 2023 2024 in order."):
+        assert scrub(text, ALL) == (text, {}), text
+
+
+def test_ipv4_at_the_end_of_a_sentence_and_private_key_blocks():
+    out, counts = scrub("Connect to 10.0.0.1. Then stop.", ALL)
+    assert out == "Connect to <IP_ADDRESS>. Then stop." and counts == {"ip": 1}
+    key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nAAAA==\n-----END RSA PRIVATE KEY-----"
+    out, counts = scrub(f"key:\n{key}\ndone", ALL)
+    assert out == "key:\n<SECRET>\ndone" and counts == {"secret": 1}
+
+
+def test_normalize_keeps_code_indentation():
+    code = "def f(x):\n\tif x:\n        return   x  \n"
+    assert normalize(code) == "def f(x):\n    if x:\n        return x"
+
+
+def test_text_without_words_is_dropped_not_a_crash():
+    assert quality_reason("--- *** ---", FilterConfig(min_words=0)) == "too_few_words"

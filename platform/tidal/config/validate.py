@@ -55,6 +55,9 @@ def check_data(d: DataConfig, problems: List[str]) -> None:
         key = f"data.mixture[{j}]"
         _check_sources(m.sources, f"{key}.sources", problems)
         _check(problems, m.weight > 0, f"{key}.weight", "> 0", m.weight)
+        if m.text_unit not in ALLOWED["data.text_unit"]:
+            problems.append(f"{key}.text_unit: '{m.text_unit}' is not one of "
+                            f"{', '.join(ALLOWED['data.text_unit'])}")
         if m.format not in ALLOWED["data.format"]:
             problems.append(f"{key}.format: '{m.format}' is not one of {', '.join(ALLOWED['data.format'])}")
         if names.count(m.name) > 1:
@@ -92,6 +95,7 @@ def _check_curation(d: DataConfig, p: List[str]) -> None:
                  f"num_perm ({dd.num_perm})")
     _check(p, 0 < dd.threshold <= 1, "data.curation.dedup.threshold", "in (0, 1]", dd.threshold)
     _check(p, dd.shingle_words >= 1, "data.curation.dedup.shingle_words", ">= 1", dd.shingle_words)
+    _check(p, 1 <= dd.bands <= 127, "data.curation.dedup.bands", "in [1, 127]", dd.bands)
     kinds = sorted({k for k, *_ in RULES})
     for i, kind in enumerate(c.pii.types):
         if kind not in kinds:

@@ -34,6 +34,8 @@ def plan(sources: np.ndarray, lengths: np.ndarray, is_val: np.ndarray, weights: 
     for i, name in enumerate(sorted(weights)):
         idx = np.flatnonzero((sources == name) & ~is_val)
         quota = share[name] * total
+        if mode == "downsample":  # float rounding must never ask for a repeat
+            quota = min(quota, avail[name])
         full, rest = divmod(quota, avail[name])
         counts[idx] += int(full)
         order = rng.permutation(idx)

@@ -82,9 +82,9 @@ def tokenize_batch(batch, tok_path: str, tok_hash: str, fraction: float, seed: i
     lengths = np.fromiter((len(e) for e in enc), dtype=np.int32, count=len(enc))
     flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in enc), dtype=np.int32,
                        count=int(lengths.sum()))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     return pa.table({
-        "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
         "val": pa.array([is_val(t, fraction, seed) for t in texts], type=pa.bool_()),
         "nbytes": pa.array([len(t.encode("utf-8")) for t in texts], type=pa.int64()), **extra})
 
@@ -158,19 +158,25 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         tokenized = tokenized.materialize()
         counts, mix_summary = _mixture_plan(cfg, tokenized)
     scorer = SCORERS.get_or_raise(cfg.curriculum.score) if cfg.curriculum.score else None
+    # An upsampled mixture repeats documents in whole passes over the data (pass r writes
+    # the documents used more than r times), never back to back in one context.
+    passes = 1 if counts is None else max(1, int(counts.max()))
     n_docs = 0
-    with _progress(report["documents_kept"]) as advance:
-        for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
-            ids = batch.column("ids").combine_chunks()
-            flat, offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
-            for k, (val, nbytes) in enumerate(zip(batch.column("val").to_pylist(),
-                                                  batch.column("nbytes").to_pylist())):
-                doc = flat[offsets[k]:offsets[k + 1]]
-                score = scorer(doc, nbytes) if scorer is not None else 0.0
-                for _ in range(1 if counts is None else int(counts[n_docs])):
-                    writers["val" if val else "train"].add(doc, tok.eos_token_id, nbytes, score)
-                n_docs += 1
-            advance(batch.num_rows, len(flat))
+    with _progress(report["documents_kept"] * passes) as advance:
+        for r in range(passes):
+            j = 0
+            for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
+                ids = batch.column("ids").combine_chunks()
+                flat, offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
+                for k, (val, nbytes) in enumerate(zip(batch.column("val").to_pylist(),
+                                                      batch.column("nbytes").to_pylist())):
+                    if counts is None or counts[j] > r:
+                        doc = flat[offsets[k]:offsets[k + 1]]
+                        score = scorer(doc, nbytes) if scorer is not None else 0.0
+                        writers["val" if val else "train"].add(doc, tok.eos_token_id, nbytes, score)
+                    j += 1
+                advance(batch.num_rows, len(flat))
+            n_docs = n_docs or j
     train, val = writers["train"], writers["val"]
     if not val.shards and len(val.pending_samples()) == 0 and len(train.pending_samples()) >= 2:
         move = max(1, round(cfg.val_fraction * len(train.pending_samples())))

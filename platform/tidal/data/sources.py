@@ -16,7 +16,6 @@ from tidal.config.schema import DataConfig, SourceConfig
 from tidal.data import io as tio
 from tidal.data.corpus import EMBEDDED
 
-_PARAGRAPH = re.compile(r"\n\s*\n")
 
 
 def detect_format(uri: str, configured: str) -> str:
@@ -51,21 +50,28 @@ def _row(source: str, unit: int, text: str = "", error: str = "", input_index: i
             "error": error}
 
 
-def _text_units(uri: str, raw: bytes, unit: str) -> Iterator[Dict]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        yield _row(uri, 0, error=f"invalid utf-8 at byte {e.start}")
-        return
-    text = text.replace("\r\n", "\n")
+def _decode_units(raw: bytes, unit: str) -> Iterator[tuple]:
+    """``(index, text or None)`` per unit; a unit with invalid UTF-8 is None (set aside
+    alone: one bad byte does not cost the whole file)."""
+    raw = raw.replace(b"\r\n", b"\n")
     if unit == "file":
-        pieces = [text]
+        pieces = [raw]
     elif unit == "paragraph":
-        pieces = _PARAGRAPH.split(text)
+        pieces = re.split(rb"\n[ \t]*\n", raw)
     else:
-        pieces = text.split("\n")
+        pieces = raw.split(b"\n")
     for i, piece in enumerate(pieces):
-        if piece.strip():
+        try:
+            yield i, piece.decode("utf-8")
+        except UnicodeDecodeError:
+            yield i, None
+
+
+def _text_units(uri: str, raw: bytes, unit: str) -> Iterator[Dict]:
+    for i, piece in _decode_units(raw, unit):
+        if piece is None:
+            yield _row(uri, i, error="invalid utf-8")
+        elif piece.strip():
             yield _row(uri, i, piece.strip("\n"))
 
 

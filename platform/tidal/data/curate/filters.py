@@ -56,7 +56,7 @@ def _repeated_fraction(words: List[str], n: int, top_only: bool) -> float:
 def quality_reason(text: str, cfg: FilterConfig) -> str:
     words = _WORD.findall(text)
     n = len(words)
-    if n < cfg.min_words:
+    if n == 0 or n < cfg.min_words:
         return "too_few_words"
     if n > cfg.max_words:
         return "too_many_words"

@@ -10,14 +10,17 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def normalize(text: str) -> str:
-    """NFC; CRLF/CR -> LF; control and zero-width characters removed (tabs become spaces);
-    runs of spaces collapsed; trailing spaces and more than one blank line removed."""
+    """NFC; CRLF/CR -> LF; control and zero-width characters removed (tabs become four
+    spaces); runs of spaces inside a line collapsed, leading indentation kept (code keeps
+    its shape); trailing spaces and more than one blank line removed."""
     text = unicodedata.normalize("NFC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text.replace("\t", " "))
-    text = _SPACES.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
-    return _BLANK_LINES.sub("\n\n", text).strip()
+    text = _CONTROL.sub("", text.replace("\t", "    "))
+    lines = []
+    for line in text.split("\n"):
+        body = line.lstrip(" ")
+        lines.append(line[:len(line) - len(body)] + _SPACES.sub(" ", body).rstrip())
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip("\n").rstrip()
 
 
 def dedup_key(text: str) -> str:

@@ -11,16 +11,18 @@ import re
 from typing import Callable, Dict, Iterable, Tuple
 
 EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}(?![\w-])")
-IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
+IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}(?::|[0-9A-Fa-f]{1,4})(?![\w:])|"
                   r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:?){0,6}(?![\w:])")
-CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
+CARD = re.compile(r"(?<![\d-])(?:\d{4}[ -]){3}\d{1,7}(?![\d-])|(?<![\d-])\d{13,19}(?![\d-])")
 PHONE = re.compile(r"(?<![\w+-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}(?![\w-])")
 DATE_LIKE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$")
 SECRET = re.compile(
     r"\b(?:AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{40,}|"
-    r"sk-[A-Za-z0-9_-]{20,}|xox[abpr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}|"
-    r"-----BEGIN (?:RSA |EC |OPENSSH )?PRIVATE KEY-----)")
+    r"sk-[A-Za-z0-9_-]{20,}|xox[abpr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})|"
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----")
+THOUSANDS = re.compile(r"^\d{1,3}(?:[ .,]\d{3})+$")
+YEARS = re.compile(r"^(?:(?:1[5-9]|20)\d\d[ .-]?)+$")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -41,8 +43,10 @@ def _card(m: str) -> bool:
 
 
 def _phone(m: str) -> bool:
+    """Not a date, a number with thousands separators, or a run of years."""
     digits = re.sub(r"\D", "", m)
-    return 7 <= len(digits) <= 15 and not DATE_LIKE.match(m.strip())
+    m = m.strip()
+    return 7 <= len(digits) <= 15 and not (DATE_LIKE.match(m) or THOUSANDS.match(m) or YEARS.match(m))
 
 
 def _ipv4(m: str) -> bool:
