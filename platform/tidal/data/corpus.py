@@ -12,6 +12,7 @@ import inspect
 import os
 import sys
 import sysconfig
+from functools import lru_cache
 from typing import Callable, Dict, Iterator, Tuple
 
 # Directories of the standard library that are tests, demos or vendored code.
@@ -60,6 +61,12 @@ def pydocs() -> Iterator[Tuple[str, str]]:
 
 
 EMBEDDED: Dict[str, Callable[[], Iterator[Tuple[str, str]]]] = {"pydocs": pydocs}
+
+
+@lru_cache(maxsize=2)
+def embedded_docs(name: str) -> Tuple[Tuple[str, str], ...]:
+    """The documents of an embedded corpus, built once per process (read and hashed)."""
+    return tuple(EMBEDDED[name]())
 
 
 def embedded_version() -> str:

@@ -6,7 +6,7 @@ the mode and a seed: the same inputs give the same mixture.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 
@@ -60,7 +60,3 @@ def summary(sources: np.ndarray, lengths: np.ndarray, is_val: np.ndarray, counts
                      "tokens_used": used, "effective_share": used / used_total if used_total else 0.0,
                      "documents_used": int(counts[m].sum())}
     return out
-
-
-def names(cfg_mixture: List) -> List[str]:
-    return [s.name for s in cfg_mixture]

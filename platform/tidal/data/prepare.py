@@ -24,7 +24,7 @@ from tidal.data import mixture
 from tidal.data.curriculum import SCORERS
 from tidal.data import sources as srcs
 from tidal.data import tokenizer as toks
-from tidal.data.corpus import embedded_version
+from tidal.data.corpus import embedded_docs, embedded_version
 from tidal.data.curate import report as curate_report
 from tidal.data.curate.pipeline import curate_batch, find_duplicates
 from tidal.data.pack import ShardWriter
@@ -93,7 +93,7 @@ def _hash_inputs(inputs: List, groups: List) -> List[Dict]:
     out = []
     for uri, g in inputs:
         if uri.startswith("embedded:"):
-            docs = srcs.EMBEDDED[uri.split(":", 1)[1]]()
+            docs = embedded_docs(uri.split(":", 1)[1])
             h = hashlib.sha256()
             size = 0
             for sid, text in docs:

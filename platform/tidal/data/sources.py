@@ -14,7 +14,7 @@ from typing import Dict, Iterator, List, Tuple
 
 from tidal.config.schema import DataConfig, SourceConfig
 from tidal.data import io as tio
-from tidal.data.corpus import EMBEDDED
+from tidal.data.corpus import embedded_docs
 
 
 
@@ -169,7 +169,7 @@ def documents(cfg: DataConfig, inputs: List[Tuple[str, int]]):
                 continue
             if src.startswith("embedded:"):
                 docs = [dict(_row(sid, k, text, input_index=i), mix=group.name)
-                        for k, (sid, text) in enumerate(EMBEDDED[src.split(":", 1)[1]]())]
+                        for k, (sid, text) in enumerate(embedded_docs(src.split(":", 1)[1]))]
                 datasets.append(ray.data.from_items(docs, override_num_blocks=8))
             else:
                 files.append({"uri": src, "index": i, "mix": group.name})

@@ -90,10 +90,3 @@ def clusters(pairs: Iterable[Tuple[int, int]]) -> Dict[int, int]:
         uf.union(a, b)
     members = set(uf.parent) | set(uf.parent.values())
     return {x: uf.find(x) for x in members}
-
-
-def candidate_pairs(bucket_ids: List[int]) -> List[Tuple[int, int]]:
-    """Pairs to verify inside one LSH bucket: each member with the bucket's first member
-    (a star is enough for connectivity and keeps a big bucket linear)."""
-    ids = sorted(bucket_ids)
-    return [(ids[0], other) for other in ids[1:]]
