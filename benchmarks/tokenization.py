@@ -9,6 +9,7 @@ import argparse
 import gzip
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -40,17 +41,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="alternate the two implementations this many times; medians are reported")
     args = ap.parse_args()
     docs = documents(args.copies)
     mb = sum(len(d.encode()) for d in docs) / 1e6
     tok_dir = tempfile.mkdtemp(prefix="tidal-bench-tok-")
     train_bpe(docs[: len(docs) // args.copies], TokenizerConfig(vocab_size=args.vocab), tok_dir)
     tok = load(tok_dir)
-
-    t0 = time.perf_counter()
-    base = tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
-    t_base = time.perf_counter() - t0
-    n_tokens = sum(len(e.ids) for e in base)
 
     import ray.data
 
@@ -64,19 +62,43 @@ def main() -> None:
     # Warm-up: start the workers and load the tokenizer there once (a fixed cost per job).
     warm = ray.data.from_items([{"text": d} for d in docs[:64]], override_num_blocks=os.cpu_count())
     warm.map_batches(tokenize_batch, batch_size=32, batch_format="pyarrow", fn_kwargs=kwargs).materialize()
-    t0 = time.perf_counter()
-    stage = ds.map_batches(tokenize_batch, batch_size=TOKENIZE_BATCH, batch_format="pyarrow",
-                           fn_kwargs=kwargs)
-    ours = sum(len(b.column("ids").combine_chunks().values)
-               for b in stage.iter_batches(batch_size=None, batch_format="pyarrow"))
-    t_ours = time.perf_counter() - t0
-    assert ours == n_tokens, (ours, n_tokens)  # same tokens, same text
+
+    def run_base() -> int:
+        return sum(len(e.ids) for e in tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False))
+
+    def run_raw() -> int:  # encodings only, ids left inside Rust: a lower bound on the work
+        return len(tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False))
+
+    def run_ours() -> int:
+        stage = ds.map_batches(tokenize_batch, batch_size=TOKENIZE_BATCH, batch_format="pyarrow",
+                               fn_kwargs=kwargs)
+        return sum(len(b.column("ids").combine_chunks().values)
+                   for b in stage.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+    # Both sides produce the token ids as Python-visible data (the baseline reads every
+    # Encoding's ids); the implementations alternate so machine noise hits both alike.
+    times: dict = {"base": [], "raw": [], "ours": []}
+    counts = set()
+    for _ in range(args.repeats):
+        for name, fn in (("base", run_base), ("raw", run_raw), ("ours", run_ours)):
+            t0 = time.perf_counter()
+            n = fn()
+            times[name].append(time.perf_counter() - t0)
+            if name != "raw":
+                counts.add(n)
+    assert len(counts) == 1, counts  # same tokens, same text
+    n_tokens = counts.pop()
+    t_base, t_ours = statistics.median(times["base"]), statistics.median(times["ours"])
+    t_raw = statistics.median(times["raw"])
     print(f"\n{len(docs):,} documents, {mb:.1f} MB, {n_tokens:,} tokens, vocab {args.vocab}, "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores, median of {args.repeats} alternating runs")
     print(f"{'implementation':<36}{'tokens/s':>14}{'MB/s':>8}")
-    for name, t in (("tokenizers encode_batch (Rust)", t_base), ("tidal tokenize stage (Ray Data)", t_ours)):
+    for name, t in (("tokenizers encode_batch + ids", t_base),
+                    ("(encode_batch, ids not read)", t_raw),
+                    ("tidal tokenize stage (Ray Data)", t_ours)):
         print(f"{name:<36}{n_tokens / t:>14,.0f}{mb / t:>8.2f}")
-    print(f"ratio tidal / encode_batch: {t_base / t_ours:.2f}  (target >= 0.8)")
+    print(f"ratio tidal / encode_batch: {t_base / t_ours:.2f}  (target >= 0.8); "
+          f"against encodings whose ids are never read: {t_raw / t_ours:.2f}")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,15 @@ def test_report_accounts_for_every_record(ray_local, tmp_path):
     assert report["pii"] == {"email": report["documents_kept"], "phone": report["documents_kept"]}
     assert report["tokens_out"] > 0 and report["tokens_out"] == (
         manifest["counts"]["train"]["tokens"] + manifest["counts"]["val"]["tokens"])
+    # per-stage progress counters (reported live from the Ray Data tasks) add up
+    st = report["stages"]
+    assert st["curate"]["records"] == report["records_in"] == st["dedup"]["records"]
+    assert st["tokenize"]["records"] == st["pack"]["records"] == report["documents_kept"]
+    assert st["tokenize"]["tokens"] + report["documents_kept"] == report["tokens_out"]  # + EOS each
+    assert all(c["seconds"] > 0 and c["records_per_s"] > 0 for c in st.values())
     md = open(out / "curation_report.md").read()
     assert "| quality | boilerplate | 1 |" in md and "| email |" in md
+    assert "| tokenize |" in md
     with open(out / "dropped.jsonl") as f:
         side = [json.loads(line) for line in f]
     assert len(side) == report["dropped_total"]

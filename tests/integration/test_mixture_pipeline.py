@@ -28,7 +28,13 @@ def mixture_dict():
 
 def _files(d):
     return {n: hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest()
-            for n in sorted(os.listdir(d)) if n.endswith((".npy", ".json"))}
+            for n in sorted(os.listdir(d)) if n.endswith((".npy", ".json")) and n != "curation_report.json"}
+
+
+def _report(d):
+    with open(os.path.join(d, "curation_report.json")) as f:
+        report = json.load(f)
+    return report, report.pop("stages")  # the per-stage timings are the one thing that varies
 
 
 def test_three_datasets_mixture_is_deterministic_and_trains(ray_local, tmp_path):
@@ -38,7 +44,10 @@ def test_three_datasets_mixture_is_deterministic_and_trains(ray_local, tmp_path)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     manifest = prepare(cfg, a)
     assert prepare(cfg, b) == manifest
-    assert _files(a) == _files(b)  # shards, manifest and report byte-identical
+    assert _files(a) == _files(b)  # shards and manifest byte-identical
+    (ra, stages), (rb, _) = _report(a), _report(b)
+    assert ra == rb  # the report's counts too
+    assert stages["pack"]["tokens"] + stages["pack"]["records"] == ra["tokens_out"]
     assert {i["source"] for i in manifest["inputs"]} == set(WEIGHTS)
     for name, w in WEIGHTS.items():
         assert manifest["mixture"][name]["effective_share"] == pytest.approx(w, abs=0.01)

@@ -12,7 +12,6 @@ import os
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
@@ -26,8 +25,9 @@ from tidal.data import sources as srcs
 from tidal.data import tokenizer as toks
 from tidal.data.corpus import embedded_docs, embedded_version
 from tidal.data.curate import report as curate_report
-from tidal.data.curate.pipeline import curate_batch, find_duplicates
+from tidal.data.curate.pipeline import CURATE_BATCH, curate_batch, find_duplicates
 from tidal.data.pack import ShardWriter
+from tidal.data.progress import StageProgress, report as report_progress, summary_line
 
 MANIFEST = "manifest.json"
 REPORT = "curation_report"
@@ -69,24 +69,27 @@ def _cached_tokenizer(path: str, digest: str):
     return toks.load(local).backend_tokenizer  # a slow-only tokenizer converted by transformers
 
 
-def tokenize_batch(batch, tok_path: str, tok_hash: str, fraction: float, seed: int):
+def tokenize_batch(batch, tok_path: str, tok_hash: str, fraction: float, seed: int, meter=None):
     """Ray Data ``map_batches`` body (pyarrow in and out): token ids as a ``list<int32>``
     column (one flat buffer, no per-document Python objects), the split flag and the size
     in bytes of each document."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     tok = _cached_tokenizer(tok_path, tok_hash)
-    texts = batch.column("text").to_pylist()
+    column = batch.column("text")
+    texts = column.to_pylist()
     extra = {"mix": batch.column("mix")} if "mix" in batch.column_names else {}
     enc = tok.encode_batch(texts, add_special_tokens=False) if texts else []
     lengths = np.fromiter((len(e) for e in enc), dtype=np.int32, count=len(enc))
     flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in enc), dtype=np.int32,
                        count=int(lengths.sum()))
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    report_progress(meter, "tokenize", len(texts), len(flat))
     return pa.table({
         "ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
         "val": pa.array([is_val(t, fraction, seed) for t in texts], type=pa.bool_()),
-        "nbytes": pa.array([len(t.encode("utf-8")) for t in texts], type=pa.int64()), **extra})
+        "nbytes": pc.cast(pc.binary_length(column), pa.int64()), **extra})
 
 
 def _hash_inputs(inputs: List, groups: List) -> List[Dict]:
@@ -125,8 +128,9 @@ def _tokenizer_dir(cfg: DataConfig, out_dir: str, docs, log) -> str:
     return dest
 
 
-def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
-    """Run the pipeline and write shards plus ``manifest.json`` into ``out_dir``."""
+def prepare(cfg: DataConfig, out_dir: str, log=print, show_progress: bool = True) -> Dict:
+    """Run the pipeline and write shards plus ``manifest.json`` into ``out_dir``; a live
+    display shows records and tokens per second for each stage."""
     import logging
 
     import ray.data
@@ -142,7 +146,24 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
         os.makedirs(out_dir, exist_ok=True)
     # The manifest is written last: without it, a half-written directory is never used.
     tio.remove(tio.join(out_dir, MANIFEST))
-    kept, report = _curate(cfg, srcs.documents(cfg, inputs), out_dir, log)
+    stages = StageProgress([("curate", "curate"), ("dedup", "dedup"), ("tokenize", "tokenize"),
+                            ("pack", "pack")], show=show_progress)
+    with stages:
+        manifest, report = _run(cfg, inputs, out_dir, log, stages)
+    report["stages"] = stages.counts()  # timings: in the report, not the (deterministic) manifest
+    tio.write_bytes(tio.join(out_dir, REPORT + ".json"), json.dumps(report, indent=2).encode())
+    tio.write_bytes(tio.join(out_dir, REPORT + ".md"), curate_report.markdown(report).encode())
+    tio.write_bytes(tio.join(out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
+    log(summary_line(report["stages"]))
+    stats = manifest["counts"]
+    log(f"prepared {stats['documents']} documents -> {stats['train']['samples']} train / "
+        f"{stats['val']['samples']} val samples of {cfg.seq_len + 1} tokens in {time.time() - t0:.1f}s "
+        f"-> {out_dir}")
+    return manifest
+
+
+def _run(cfg: DataConfig, inputs, out_dir: str, log, stages: StageProgress) -> Tuple[Dict, Dict]:
+    kept, report = _curate(cfg, srcs.documents(cfg, inputs), out_dir, log, stages)
     tok_dir = _tokenizer_dir(cfg, out_dir, kept, log)
     tok_hash = toks.tokenizer_hash(tio.local_dir(tok_dir))
     tok = toks.load(tio.local_dir(tok_dir))
@@ -150,33 +171,45 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
     writers = {s: ShardWriter(out_dir, s, cfg.seq_len, cfg.shard_samples, dtype)
                for s in ("train", "val")}
+    stages.start("tokenize")
     tokenized = kept.select_columns(["text", "mix"]).map_batches(
         tokenize_batch, batch_size=TOKENIZE_BATCH, batch_format="pyarrow", fn_kwargs={
-            "tok_path": tok_dir, "tok_hash": tok_hash, "fraction": cfg.val_fraction, "seed": cfg.seed})
+            "tok_path": tok_dir, "tok_hash": tok_hash, "fraction": cfg.val_fraction, "seed": cfg.seed,
+            "meter": stages.meter})
     counts, mix_summary = None, None
     if cfg.mixture:  # two passes: lengths per source first, then the weighted stream
         tokenized = tokenized.materialize()
+        stages.done("tokenize")
         counts, mix_summary = _mixture_plan(cfg, tokenized)
     scorer = SCORERS.get_or_raise(cfg.curriculum.score) if cfg.curriculum.score else None
     # An upsampled mixture repeats documents in whole passes over the data (pass r writes
     # the documents used more than r times), never back to back in one context.
     passes = 1 if counts is None else max(1, int(counts.max()))
-    n_docs = 0
-    with _progress(report["documents_kept"] * passes) as advance:
-        for r in range(passes):
-            j = 0
-            for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
-                ids = batch.column("ids").combine_chunks()
-                flat, offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
-                for k, (val, nbytes) in enumerate(zip(batch.column("val").to_pylist(),
-                                                      batch.column("nbytes").to_pylist())):
-                    if counts is None or counts[j] > r:
-                        doc = flat[offsets[k]:offsets[k + 1]]
-                        score = scorer(doc, nbytes) if scorer is not None else 0.0
-                        writers["val" if val else "train"].add(doc, tok.eos_token_id, nbytes, score)
-                    j += 1
-                advance(batch.num_rows, len(flat))
-            n_docs = n_docs or j
+    n_docs = n_tokens = 0
+    stages.total("tokenize", report["documents_kept"])
+    stages.total("pack", report["documents_kept"] if counts is None else int(counts.sum()))
+    stages.start("pack")
+    for r in range(passes):
+        j = 0
+        for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ids = batch.column("ids").combine_chunks()
+            flat, offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
+            written = written_tokens = 0
+            for k, (val, nbytes) in enumerate(zip(batch.column("val").to_pylist(),
+                                                  batch.column("nbytes").to_pylist())):
+                if counts is None or counts[j] > r:
+                    doc = flat[offsets[k]:offsets[k + 1]]
+                    score = scorer(doc, nbytes) if scorer is not None else 0.0
+                    writers["val" if val else "train"].add(doc, tok.eos_token_id, nbytes, score)
+                    written += 1
+                    written_tokens += len(doc)
+                j += 1
+            stages.add("pack", written, written_tokens)
+            n_tokens += len(flat) if r == 0 else 0
+        n_docs = n_docs or j
+        stages.done("tokenize")
+        stages.set("tokenize", n_docs, n_tokens)
+    stages.done("pack")
     train, val = writers["train"], writers["val"]
     if not val.shards and len(val.pending_samples()) == 0 and len(train.pending_samples()) >= 2:
         move = max(1, round(cfg.val_fraction * len(train.pending_samples())))
@@ -214,12 +247,7 @@ def prepare(cfg: DataConfig, out_dir: str, log=print) -> Dict:
     }
     report.update(tokens_out=stats["train"]["tokens"] + stats["val"]["tokens"],
                   samples_out=stats["train"]["samples"] + stats["val"]["samples"])
-    tio.write_bytes(tio.join(out_dir, REPORT + ".json"), json.dumps(report, indent=2).encode())
-    tio.write_bytes(tio.join(out_dir, REPORT + ".md"), curate_report.markdown(report).encode())
-    tio.write_bytes(tio.join(out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
-    log(f"prepared {n_docs} documents -> {stats['train']['samples']} train / "
-        f"{stats['val']['samples']} val samples of {cfg.seq_len + 1} tokens in {time.time() - t0:.1f}s "
-        f"-> {out_dir}")
+    return manifest, report
     return manifest
 
 
@@ -241,11 +269,17 @@ def pc_lengths(column) -> np.ndarray:
     return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _curate(cfg: DataConfig, docs, out_dir: str, log) -> Tuple[object, Dict]:
+def _curate(cfg: DataConfig, docs, out_dir: str, log, stages: StageProgress) -> Tuple[object, Dict]:
     """Normalize, filter, scrub and dedup; returns the kept documents and the report."""
-    curated = docs.map_batches(curate_batch, batch_size=64, fn_kwargs={
-        "cfg": cfg.curation, "min_chars": cfg.min_chars}).materialize()
+    stages.start("curate")
+    curated = docs.map_batches(curate_batch, batch_size=CURATE_BATCH, fn_kwargs={
+        "cfg": cfg.curation, "min_chars": cfg.min_chars, "meter": stages.meter}).materialize()
+    stages.done("curate")
+    stages.set("curate", curated.count())
+    stages.start("dedup")
     dups, dedup_stats = find_duplicates(curated, cfg.curation)
+    stages.add("dedup", curated.count())
+    stages.done("dedup")
     side = tio.join(out_dir, "dropped.jsonl") if cfg.curation.write_dropped else None
     report = curate_report.account(curated, dups, dedup_stats, side)
     if report["documents_kept"] == 0:
@@ -258,24 +292,6 @@ def _curate(cfg: DataConfig, docs, out_dir: str, log) -> Tuple[object, Dict]:
     log(f"curated {report['records_in']:,} records: kept {report['documents_kept']:,}, dropped "
         + (", ".join(f"{s} {sum(r.values()):,}" for s, r in report["dropped"].items()) or "none"))
     return kept.drop_columns(["sig"]).materialize(), report
-
-
-@contextmanager
-def _progress(total: int):
-    """A live bar over tokenized documents, with tokens per second."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    tokens = {"n": 0, "t0": time.time()}
-    with Progress(TextColumn("[bold]tokenize+pack"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("docs"), TimeElapsedColumn(), TextColumn("{task.fields[rate]}")) as bar:
-        task = bar.add_task("pack", total=total, rate="")
-
-        def advance(docs: int, toks: int) -> None:
-            tokens["n"] += toks
-            rate = tokens["n"] / max(time.time() - tokens["t0"], 1e-9)
-            bar.update(task, advance=docs, rate=f"{tokens['n']:,} tokens ({rate:,.0f}/s)")
-
-        yield advance
 
 
 def _relative(path: str, root: str) -> str:

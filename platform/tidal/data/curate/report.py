@@ -62,4 +62,9 @@ def markdown(report: Dict) -> str:
     if "tokens_out" in report:
         lines += ["", f"Tokens out: {report['tokens_out']:,} "
                       f"({report['samples_out']:,} packed samples)."]
+    if report.get("stages"):
+        lines += ["", "| stage | records | records/s | tokens | tokens/s | seconds |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {c['records']:,} | {c['records_per_s']:,.0f} | {c['tokens']:,} | "
+                  f"{c['tokens_per_s']:,.0f} | {c['seconds']:.1f} |" for s, c in report["stages"].items()]
     return "\n".join(lines) + "\n"
