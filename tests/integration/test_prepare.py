@@ -62,6 +62,10 @@ def test_prepare_writes_shards_and_manifest(ray_local, corpus, tmp_path):
     tok = load_tokenizer(tokenizer_path(manifest, out))
     assert len(tok) == manifest["tokenizer"]["vocab_size"] <= 300
     assert len(manifest["tokenizer"]["sha256"]) == 64
+    import tidal
+
+    assert manifest["code"]["tidal"] == tidal.__version__ and manifest["code"]["commit"]
+    assert manifest["code"]["packages"]["tokenizers"][0].isdigit()
     # malformed records are counted by reason, not fatal
     bad = manifest["counts"]["malformed"]
     assert bad["line is not JSON"] == 1

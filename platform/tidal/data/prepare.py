@@ -92,6 +92,15 @@ def tokenize_batch(batch, tok_path: str, tok_hash: str, fraction: float, seed: i
         "nbytes": pc.cast(pc.binary_length(column), pa.int64()), **extra})
 
 
+def _code_version() -> Dict:
+    """What produced the shards: tidal's version and commit, and the libraries that shape them."""
+    import tidal
+    from tidal.tracking.run_card import git_commit, package_versions
+
+    return {"tidal": tidal.__version__, "commit": git_commit(os.path.dirname(tidal.__file__)),
+            "packages": package_versions(("tokenizers", "pyarrow", "ray", "numpy"))}
+
+
 def _hash_inputs(inputs: List, groups: List) -> List[Dict]:
     out = []
     for uri, g in inputs:
@@ -244,6 +253,7 @@ def _run(cfg: DataConfig, inputs, out_dir: str, log, stages: StageProgress) -> T
         "curriculum": curriculum,
         "shards": {"train": stats["train"]["shards"], "val": stats["val"]["shards"]},
         "config": to_dict(cfg),
+        "code": _code_version(),
     }
     report.update(tokens_out=stats["train"]["tokens"] + stats["val"]["tokens"],
                   samples_out=stats["train"]["samples"] + stats["val"]["samples"])

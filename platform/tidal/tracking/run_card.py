@@ -13,9 +13,9 @@ PACKAGES = ("tidal", "torch", "ray", "transformers", "tokenizers", "numpy", "pya
             "hydra-core")
 
 
-def package_versions() -> Dict[str, str]:
+def package_versions(names=PACKAGES) -> Dict[str, str]:
     out = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
