@@ -10,7 +10,22 @@ runnable configuration; the YAML presets in ``conf/`` override them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
+
+
+def worker_bounds(workers: Any) -> Tuple[int, int]:
+    """``(min, max)`` from ``scaling.workers``: 2, "2" or "1..4"; ValueError otherwise."""
+    if isinstance(workers, bool):
+        raise ValueError(workers)
+    if isinstance(workers, int):
+        return workers, workers
+    text = str(workers).strip()
+    lo, sep, hi = text.partition("..")
+    if not sep:
+        lo = hi = text
+    if not (lo.strip().isdigit() and hi.strip().isdigit()):
+        raise ValueError(workers)
+    return int(lo), int(hi)
 
 
 @dataclass(frozen=True)
@@ -167,12 +182,17 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    workers: int = 2
+    # A fixed count (2) or elastic bounds "min..max" ("1..4"): Ray Train starts with what
+    # the cluster offers (>= min), restarts with fewer workers on node loss and grows back.
+    workers: Any = 2
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     cpus_per_worker: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False
     max_failures: int = 0  # Ray Train FailureConfig retries
+    same_step_failures: int = 2  # stop (with a report) when this many attempts in a row die at one step; 0: never
+    resize_check_s: float = 60.0  # elastic: how often Ray Train looks for capacity to grow into
+    preemption_check_every: int = 10  # steps between Ray Train preemption checks (a barrier); 0: off
 
 
 @dataclass(frozen=True)
@@ -183,6 +203,18 @@ class LoggerConfig:
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     progress: bool = True  # live progress bar on the driver
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Divergence guards: checked every step before the optimizer update is applied."""
+
+    enabled: bool = True
+    loss_spike_factor: float = 3.0  # loss > factor x running median of healthy losses; 0: off
+    grad_spike_factor: float = 10.0  # grad norm > factor x its running median; 0: off
+    window: int = 50  # healthy steps in the running medians
+    min_history: int = 20  # spikes are judged only after this many healthy steps
+    max_rollbacks: int = 3  # then stop with a report
 
 
 @dataclass(frozen=True)
@@ -199,6 +231,9 @@ class TrainConfig:
     seed: int = 1234
     deterministic: bool = False
     export_hf: bool = True
+    async_checkpoint: bool = False  # DCP async_save: training continues while shards are written
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    inject_faults: List[str] = field(default_factory=list)  # drills: kill@S[:R], kill_in_save@S[:R], nan@S, spike@S
 
 
 @dataclass(frozen=True)
@@ -207,6 +242,9 @@ class RunConfig:
     output_dir: str = "outputs"  # local run directory root: config, run card, metrics, plots
     storage_path: Optional[str] = None  # checkpoints; local dir or s3:// / gs://. Default output_dir
     resume_from: Optional[str] = None  # a checkpoint directory to start from
+    # Config keys (or sections, e.g. "optim") allowed to differ from the checkpoint's when
+    # resuming; any other change to what the checkpoint means is refused. "*": allow all.
+    allow_changes: List[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 from typing import List
 
 from tidal.config.convert import ConfigError
-from tidal.config.schema import DataConfig, ExportConfig, PrepareConfig, PretrainConfig
+from tidal.config.schema import DataConfig, ExportConfig, PrepareConfig, PretrainConfig, worker_bounds
 from tidal.data.io import CLOUD_PREFIXES as _CLOUD
+from tidal.train.faults import parse as parse_faults
+
 ALLOWED = {
     "model.arch": ("llama", "qwen2", "mistral"),
     "data.format": ("auto", "text", "jsonl", "parquet"),
@@ -143,7 +146,34 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     _check(p, 0 < s.decay_fraction <= 1, "schedule.decay_fraction", "in (0, 1]", s.decay_fraction)
     _check(p, s.power > 0, "schedule.power", "> 0", s.power)
 
-    _check(p, sc.workers >= 1, "scaling.workers", ">= 1", sc.workers)
+    try:
+        lo, hi = worker_bounds(sc.workers)
+    except ValueError:
+        lo = hi = 0
+        p.append(f"scaling.workers: {sc.workers!r} is not a worker count (2) or elastic bounds "
+                 "'min..max' (\"1..4\")")
+    else:
+        if not 1 <= lo <= hi:
+            p.append(f"scaling.workers: {sc.workers!r} needs 1 <= min <= max")
+            lo = hi = 0
+    _check(p, sc.same_step_failures >= 0, "scaling.same_step_failures", ">= 0 (0: never stop)",
+           sc.same_step_failures)
+    _check(p, sc.resize_check_s > 0, "scaling.resize_check_s", "> 0", sc.resize_check_s)
+    _check(p, sc.preemption_check_every >= 0, "scaling.preemption_check_every", ">= 0 (0: off)",
+           sc.preemption_check_every)
+    g = t.guard
+    _check(p, g.loss_spike_factor == 0 or g.loss_spike_factor > 1, "train.guard.loss_spike_factor",
+           "> 1 (0: off)", g.loss_spike_factor)
+    _check(p, g.grad_spike_factor == 0 or g.grad_spike_factor > 1, "train.guard.grad_spike_factor",
+           "> 1 (0: off)", g.grad_spike_factor)
+    _check(p, g.window >= 1, "train.guard.window", ">= 1", g.window)
+    _check(p, 1 <= g.min_history <= g.window, "train.guard.min_history",
+           f"in [1, train.guard.window={g.window}]", g.min_history)
+    _check(p, g.max_rollbacks >= 0, "train.guard.max_rollbacks", ">= 0", g.max_rollbacks)
+    try:
+        parse_faults(t.inject_faults)
+    except ValueError as e:
+        p.append(str(e))
     _check(p, sc.cpus_per_worker >= 1, "scaling.cpus_per_worker", ">= 1", sc.cpus_per_worker)
     _check(p, sc.max_failures >= -1, "scaling.max_failures", ">= -1 (-1: retry forever)", sc.max_failures)
     _choice(p, "scaling.precision", sc.precision)
@@ -165,13 +195,21 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         if t.global_batch_tokens % cfg.data.seq_len:
             p.append(f"train.global_batch_tokens: {t.global_batch_tokens} must be a multiple of "
                      f"data.seq_len={cfg.data.seq_len}")
-        elif sc.workers >= 1 and t.micro_batch_size >= 1:
+        elif lo >= 1 and lo == hi and t.micro_batch_size >= 1:
             samples = t.global_batch_tokens // cfg.data.seq_len
-            per_step = sc.workers * t.micro_batch_size
+            per_step = lo * t.micro_batch_size
             if samples % per_step:
                 p.append(f"train.global_batch_tokens: {samples} sequences per step are not divisible "
                          f"by scaling.workers x train.micro_batch_size = {per_step}; allowed: a "
                          f"multiple of {per_step * cfg.data.seq_len} tokens")
+        elif lo >= 1:  # elastic: the global batch stays fixed, so every size must split it
+            samples = t.global_batch_tokens // cfg.data.seq_len
+            bad = [w for w in range(lo, hi + 1) if samples % w]
+            if bad:
+                step = math.lcm(*range(lo, hi + 1))
+                p.append(f"train.global_batch_tokens: {samples} sequences per step cannot be split "
+                         f"evenly over {', '.join(map(str, bad))} workers (scaling.workers={sc.workers}); "
+                         f"allowed: a multiple of {step * cfg.data.seq_len} tokens")
     _check_run(r, p)
     if p:
         raise ConfigError(p)

@@ -97,6 +97,28 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def file_size(uri: str):
+    """Size in bytes, or None when there is no such file."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def list_dir(uri: str) -> List[str]:
+    """Names directly inside a directory (empty when it does not exist)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(posixpath.basename(i.path.rstrip("/"))
+                  for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def local_dir(uri: str) -> str:
     """A local directory holding the contents of ``uri``: the path itself when local, else a
     copy downloaded once into ``~/.cache/tidal/remote`` (tokenizers load from local files)."""

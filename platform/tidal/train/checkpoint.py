@@ -30,17 +30,27 @@ def _rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
     return state
 
 
-def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = None) -> None:
+def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = None,
+         async_group=None):
     """Write this rank's part of the checkpoint into ``path`` (a per-rank local dir is fine:
-    Ray Train merges the workers' directories in storage)."""
+    Ray Train merges the workers' directories in storage). With ``async_group`` (a process
+    group of its own, so that the writer thread's collectives never interleave with
+    training's) the shards are staged in memory and written by a background thread: the
+    returned future completes when they are on disk. Otherwise returns None when done."""
     os.makedirs(path, exist_ok=True)
     model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    future = None
+    if async_group is not None:
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path,
+                                process_group=async_group if async_group is not True else None,
+                                no_dist=async_group is True)
+    else:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save(_rng_state(engine.device), os.path.join(path, "rng", f"rank_{engine.rank}.pt"))
     if engine.rank == 0:
         state = {"step": engine.step, "cursor": engine.cursor, "tokens_seen": engine.tokens_seen,
-                 "world_size": engine.world, **meta}
+                 "world_size": engine.world, "skipped": engine.extra.get("skipped", []), **meta}
         with open(os.path.join(path, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
         hf_meta = os.path.join(path, HF_META)
@@ -48,6 +58,7 @@ def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = N
         if tokenizer_dir:
             for name in os.listdir(tokenizer_dir):
                 shutil.copy2(os.path.join(tokenizer_dir, name), hf_meta)
+    return future
 
 
 def read_state(path: str) -> Dict:
@@ -64,6 +75,7 @@ def load(engine: Engine, path: str) -> Dict:
                    optim_state_dict=state["optim"])
     meta = read_state(path)
     engine.step, engine.cursor, engine.tokens_seen = meta["step"], meta["cursor"], meta["tokens_seen"]
+    engine.extra["skipped"] = [list(w) for w in meta.get("skipped", [])]
     rng_file = os.path.join(path, "rng", f"rank_{engine.rank}.pt")
     if os.path.exists(rng_file):
         rng = torch.load(rng_file, weights_only=True)

@@ -54,7 +54,7 @@ class Engine:
 
     @property
     def grad_accum(self) -> int:
-        return self.global_batch // (self.world * self.cfg.train.micro_batch_size)
+        return -(-(self.global_batch // self.world) // self.cfg.train.micro_batch_size)
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -99,8 +99,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(engine: Engine, micro_batches: List[np.ndarray]) -> Dict[str, float]:
-    """One optimizer step over this rank's share of a global batch."""
+def train_step(engine: Engine, micro_batches: List[np.ndarray],
+               guard: Optional[Callable[[float, float], Optional[str]]] = None,
+               loss_scale: float = 1.0) -> Dict[str, float]:
+    """One optimizer step over this rank's share of a global batch. ``guard`` sees the
+    global loss and gradient norm before the update: when it names an anomaly the update
+    is not applied and the result carries ``anomaly`` (the step counters do not move).
+    ``loss_scale`` is for fault drills (NaN, spikes)."""
     t0 = time.perf_counter()
     cfg, model, opt = engine.cfg, engine.model, engine.optimizer
     lr = lr_at(engine.step, cfg.train.max_steps, cfg.optim.lr, cfg.schedule)
@@ -108,21 +113,33 @@ def train_step(engine: Engine, micro_batches: List[np.ndarray]) -> Dict[str, flo
         group["lr"] = lr
     model.train()
     n = len(micro_batches)
+    share = sum(len(mb) for mb in micro_batches)
+    even = all(len(mb) == len(micro_batches[0]) for mb in micro_batches)
     loss_sum = torch.zeros((), device=engine.device)
     for i, mb in enumerate(micro_batches):
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once per step
             model.set_requires_gradient_sync(i == n - 1)
         tokens = torch.from_numpy(mb).to(engine.device, non_blocking=True)
-        loss = engine.objective(model, tokens) / n
+        loss = engine.objective(model, tokens)
+        if loss_scale != 1.0:
+            loss = loss * loss_scale
+        # each sample weighs the same whatever the split (an elastic world size can leave a
+        # shorter last micro-batch)
+        loss = loss / n if even else loss * (len(mb) / share)
         loss.backward()
         loss_sum += loss.detach()
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
+    loss_value = _global_mean(loss_sum, engine.world)
+    verdict = guard(loss_value, float(grad_norm)) if guard is not None else None
+    if verdict is not None:
+        opt.zero_grad(set_to_none=True)
+        return {"step": engine.step + 1, "anomaly": verdict, "loss": loss_value,
+                "grad_norm": float(grad_norm), "lr": lr}
     opt.step()
     opt.zero_grad(set_to_none=True)
-    loss_value = _global_mean(loss_sum, engine.world)
     _sync(engine.device)
     dt = time.perf_counter() - t0
     tokens = engine.global_batch * cfg.data.seq_len

@@ -17,10 +17,86 @@ from typing import Dict, Optional
 import yaml
 
 from tidal.config import PretrainConfig, fingerprint, to_dict
+from tidal.config.schema import worker_bounds
 from tidal.data import io as tio
 from tidal.data.prepare import data_key, default_output_dir, load_manifest, manifest_hash, prepare
 from tidal.tracking import plots, run_card
 from tidal.tracking.sinks import MetricsLog, Progress, WandbSink
+from tidal.train import integrity
+
+# What a checkpoint means: changing these under a resumed run is refused unless the user
+# names them in run.allow_changes. Scaling, logging, evaluation and checkpoint cadence,
+# stop_at_step and run options may change freely (an elastic run changes its world size).
+PROTECTED = ("model.", "data.", "optim.", "schedule.", "train.max_steps", "train.global_batch_tokens",
+             "train.seed")
+UNPROTECTED = ("data.output_dir", "model.name")
+SHAPE_KEYS = ("model.arch", "model.pretrained", "model.hidden_size", "model.num_layers", "model.num_heads",
+              "model.num_kv_heads", "model.intermediate_size", "model.tie_embeddings", "data.tokenizer.")
+
+
+class RunStopped(RuntimeError):
+    """Training stopped itself with a report (repeating failure, divergence)."""
+
+
+def _flat(d: Dict, prefix: str = "") -> Dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_drift(old: Dict, new: Dict, allow) -> tuple[list, list]:
+    """``(refused, allowed)`` differences between a checkpoint's config and this run's, as
+    ``key: checkpoint -> now`` lines, judged by PROTECTED and ``run.allow_changes``."""
+    a, b = _flat(old), _flat(new)
+    refused, allowed = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key) or not key.startswith(PROTECTED) or key in UNPROTECTED:
+            continue
+        line = f"{key}: {a.get(key, '(absent)')!r} in the checkpoint -> {b.get(key, '(absent)')!r} now"
+        ok = "*" in allow or any(key == x or key.startswith(x.rstrip(".") + ".") for x in allow)
+        if ok and key.startswith(SHAPE_KEYS):
+            refused.append(line + " (changes the parameter shapes or tokens: a checkpoint cannot "
+                                  "be loaded into it; start a new run from its HF export with "
+                                  "model.pretrained)")
+        elif ok:
+            allowed.append(line)
+        else:
+            refused.append(line)
+    return refused, allowed
+
+
+def check_resume(cfg: PretrainConfig, run_storage: str, log=print) -> Optional[str]:
+    """Before any training: the checkpoint this run would resume from, refusing one whose
+    config means something else (unless run.allow_changes names the differences)."""
+    path, skipped = integrity.latest_valid(run_storage, full=False)
+    for s in skipped:
+        log(f"checkpoint {s['checkpoint']} will be skipped: {'; '.join(s['problems'][:3])}")
+    if path is None and cfg.run.resume_from:
+        problems = integrity.verify(cfg.run.resume_from, full=False)
+        if problems:
+            raise ValueError(f"run.resume_from: {cfg.run.resume_from} is not a committed, intact "
+                             f"checkpoint: {'; '.join(problems[:5])}")
+        path = cfg.run.resume_from
+    if path is None:
+        return None
+    import json
+
+    state = json.loads(tio.read_bytes(tio.join(path, "trainer_state.json")))
+    if "config" in state:
+        refused, allowed = config_drift(state["config"], to_dict(cfg), list(cfg.run.allow_changes))
+        if refused:
+            raise ValueError(
+                f"resuming from {path} with a config that changes what the checkpoint means:\n  "
+                + "\n  ".join(refused) + "\nrevert these, start a new run (another run.name), or "
+                "name intended changes in run.allow_changes (e.g. run.allow_changes=[optim.lr])")
+        for line in allowed:
+            log(f"allowed change on resume: {line}")
+    return path
 
 
 def init_ray() -> None:
@@ -85,10 +161,17 @@ def _poll(hub, log: MetricsLog, wandb: WandbSink, bar: Progress, stop: threading
         for rec in ray.get(hub.drain.remote()):
             if "event" in rec:
                 events.append(rec)
-                if rec["event"] == "start":
+                kind = rec["event"]
+                if kind == "start":
                     log.truncate_after(rec["step"])
                     bar.note(f"{rec['world_size']} worker(s), step {rec['step']}"
                              + (" (restored)" if rec["restored"] else ""))
+                elif kind == "rollback":
+                    log.truncate_after(rec["to_step"])
+                    bar.note(f"step {rec['step']}: {rec['reason']}; rolled back to step "
+                             f"{rec['to_step']}, skipping {rec['skipped_batches']} batch(es)")
+                elif kind in ("fatal", "checkpoint_skipped", "preemption"):
+                    bar.note(f"{kind}: {rec.get('reason') or rec.get('problems') or rec.get('nodes')}")
                 continue
             log.add(rec)
             wandb.log(rec)
@@ -132,6 +215,19 @@ def summarize(log: MetricsLog, result, export_dir: Optional[str], run_dir: str) 
     return {k: v for k, v in out.items() if v is not None}
 
 
+def scaling_config(cfg: PretrainConfig, use_gpu: bool, **extra):
+    """Ray Train's ScalingConfig: a fixed worker count, or elastic (min, max) bounds."""
+    import ray.train
+
+    lo, hi = worker_bounds(cfg.scaling.workers)
+    kw = dict(num_workers=lo if lo == hi else (lo, hi), use_gpu=use_gpu,
+              resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
+    if lo != hi:
+        kw["elastic_resize_monitor_interval_s"] = cfg.scaling.resize_check_s
+    kw.update(extra)
+    return ray.train.ScalingConfig(**kw)
+
+
 def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
     """Train ``cfg`` on Ray Train and return the run summary."""
     import ray
@@ -142,9 +238,13 @@ def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
     from tidal.train.loop import train_loop_per_worker
 
     cfg = absolute_paths(cfg)
-    init_ray()
     root = cfg.run.output_dir
     storage = cfg.run.storage_path or root
+    run_storage = tio.join(storage, cfg.run.name)
+    resume = check_resume(cfg, run_storage, log)  # before any Ray work
+    if resume:
+        log(f"resuming from {resume}")
+    init_ray()
     # Prepared data sits beside the checkpoints, so that every node reaches it when the
     # storage is shared (s3://, gs://, NFS).
     data_dir, manifest = ensure_data(cfg.data, storage, log)
@@ -159,15 +259,15 @@ def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "data_dir": data_dir, "hub": hub, "use_gpu": use_gpu,
-                           "export_dir": export_dir, "manifest_hash": manifest_hash(manifest)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+                           "export_dir": export_dir, "manifest_hash": manifest_hash(manifest),
+                           "run_storage": run_storage},
+        scaling_config=scaling_config(cfg, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+            # tidal prunes: only committed checkpoints count towards train.keep_checkpoints
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
     )
     metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
     wandb = WandbSink(cfg.logger, cfg.run.name, run_dir, config)
@@ -185,6 +285,7 @@ def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
         bar.close()
         summary = summarize(metrics_log, result, export_dir, run_dir)
         summary["wall_time_s"] = round(time.time() - t0, 1)
+        summary.update(_resilience(events, run_dir, run_storage))
         if metrics_log.records:
             summary["loss_plot"] = plots.loss_curve(metrics_log.records, os.path.join(run_dir, "loss.png"),
                                                     f"{cfg.run.name}: {cfg.model.name} on {cfg.data.name}")
@@ -193,4 +294,32 @@ def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
             summary["wandb_dir"] = wandb_dir
         run_card.write(os.path.join(run_dir, "run_card.md"), config,
                        _facts(cfg, manifest, data_dir, events, use_gpu), summary)
+    fatal = [e for e in events if e["event"] == "fatal"]
+    if fatal:
+        raise RunStopped(f"run '{cfg.run.name}' stopped: {fatal[-1]['reason']} (summary in "
+                         f"{os.path.join(run_dir, 'run_card.md')}, events in "
+                         f"{os.path.join(run_dir, 'events.jsonl')})")
     return summary
+
+
+def _resilience(events: list, run_dir: str, run_storage: str) -> Dict:
+    """What happened to the run besides training: written to events.jsonl and summarized."""
+    import json
+
+    with open(os.path.join(run_dir, "events.jsonl"), "w") as f:
+        for e in events:
+            f.write(json.dumps(e, default=str) + "\n")
+    starts = [e for e in events if e["event"] == "start"]
+    saves = [e for e in events if e["event"] == "checkpoint"]
+    out = {"restarts": max(0, len(starts) - 1),
+           "world_sizes": [e["world_size"] for e in starts],
+           "rollbacks": [{k: e[k] for k in ("step", "reason", "to_step", "skipped_samples")}
+                         for e in events if e["event"] == "rollback"],
+           "checkpoints_skipped": [{"checkpoint": e["checkpoint"], "problems": e["problems"]}
+                                   for e in events if e["event"] == "checkpoint_skipped"]}
+    if saves:
+        out["checkpoint_blocking_s"] = round(statistics.median(e["blocking_s"] for e in saves), 4)
+    latest, _ = integrity.latest_valid(run_storage, full=False)
+    if latest:
+        out["checkpoint"] = latest
+    return out

@@ -1,23 +1,38 @@
-"""The worker loop, top to bottom: build state, restore, step, report, checkpoint, export.
+"""The worker loop, top to bottom: build state, restore, step, guard, report, checkpoint,
+export.
 
 Runs inside each Ray Train worker. Per-step metrics go to the driver through the metrics
 hub (a small actor, fire-and-forget); ``ray.train.report`` is called only with checkpoints,
 since it is a barrier across workers.
+
+Fault tolerance lives here:
+- restore from the newest *committed and verified* checkpoint of the run (never Ray's
+  notion of "latest", which may be a save that a crash cut short);
+- a checkpoint is committed by rank 0 after every rank's upload (see ``integrity``);
+- divergence guards veto a bad update, roll back and skip the offending batches;
+- a failure that repeats at the same step stops the run with a report instead of looping;
+- Ray Train's preemption notice triggers an immediate checkpoint.
 """
 from __future__ import annotations
 
-import os
+import shutil
 import tempfile
-from typing import Any, Dict
+import time
+from typing import Any, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
-from tidal.config import fingerprint
+from tidal.config import fingerprint, to_dict
+from tidal.data import io as tio
 from tidal.data.loader import GlobalSampleLoader
 from tidal.data.prepare import load_manifest, tokenizer_path
 from tidal.train import checkpoint as ckpt
+from tidal.train import integrity
 from tidal.train.engine import build_engine, evaluate, train_step
 from tidal.train.export import export_hf
+from tidal.train.faults import Injector
+from tidal.train.guards import DivergenceGuard
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -36,69 +51,265 @@ def _eval_plan(engine, loader: GlobalSampleLoader) -> tuple[int, int]:
     return total, max(1, -(-per_rank // micro))
 
 
-def train_loop_per_worker(config: Dict[str, Any]) -> None:
-    import ray.train
+def _distributed(world: int) -> bool:
+    return world > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _bcast(obj: Any, world: int) -> Any:
+    """Rank 0's value of ``obj`` on every rank."""
+    if not _distributed(world):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world: int) -> None:
+    if _distributed(world):
+        dist.barrier()
+
+
+def _all_true(flag: bool, world: int) -> bool:
+    if not _distributed(world):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class Checkpointer:
+    """Saves (sync or async), uploads through ``ray.train.report``, commits, prunes."""
+
+    def __init__(self, engine, run_dir: str, meta: Dict, tok_dir: str, injector: Injector, hub):
+        self.engine, self.run_dir, self.meta, self.tok_dir = engine, run_dir, meta, tok_dir
+        self.injector, self.hub = injector, hub
+        self.keep = engine.cfg.train.keep_checkpoints
+        self.pending: Optional[tuple] = None
+        self.group = None
+        if engine.cfg.train.async_checkpoint:
+            # the writer thread gets a process group of its own (gloo: it moves host memory)
+            self.group = dist.new_group(backend="gloo") if _distributed(engine.world) else True
+        self.last_saved = -1
+
+    def save(self, metrics: Dict) -> float:
+        """Checkpoint the current step (collective); returns the seconds training was blocked."""
+        self.wait()
+        e = self.engine
+        t0 = time.perf_counter()
+        name = integrity.checkpoint_name(e.step)
+        target = tio.join(self.run_dir, name)
+        if e.rank == 0 and tio.exists(target):  # an earlier attempt's unfinished save
+            tio.remove_tree(target)
+        _barrier(e.world)
+        tmp = tempfile.mkdtemp(prefix="tidal-ckpt-")
+        future = ckpt.save(e, tmp, self.meta, self.tok_dir, async_group=self.group)
+        self.last_saved = e.step
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if future is None:
+            self._finish(e.step, name, tmp, scalars)
+        else:
+            self.pending = (e.step, name, tmp, future, scalars)
+        blocked = time.perf_counter() - t0
+        if self.hub is not None and e.rank == 0:
+            self.hub.push.remote({"event": "checkpoint", "step": e.step, "blocking_s": blocked,
+                                  "async": future is not None})
+        return blocked
+
+    def poll(self) -> None:
+        """Commit a finished async save (collective: every rank must have finished writing)."""
+        if self.pending is not None and _all_true(self.pending[3].done(), self.engine.world):
+            self.wait()
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        step, name, tmp, future, scalars = self.pending
+        self.pending = None
+        future.result()
+        self._finish(step, name, tmp, scalars)
+
+    def _finish(self, step: int, name: str, tmp: str, scalars: Dict) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        e = self.engine
+        integrity.write_rank_manifest(tmp, e.rank)
+        ray.train.report(scalars, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        self.injector.maybe_kill("kill_in_save", step)
+        _barrier(e.world)  # every rank's shard is in storage
+        if e.rank == 0:
+            integrity.commit(tio.join(self.run_dir, name), e.world, step)
+            integrity.prune(self.run_dir, self.keep)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore(engine, path: str) -> Dict:
     from ray.train import Checkpoint
 
+    with Checkpoint(path).as_directory() as local:
+        return ckpt.load(engine, local)
+
+
+def _choose_checkpoint(rank: int, world: int, run_dir: str, resume_from: Optional[str]) -> Dict:
+    """Rank 0 finds the newest committed, intact checkpoint (skipping damaged ones, with
+    reasons); every rank gets the same answer."""
+    out: Dict[str, Any] = {"path": None, "skipped": []}
+    if rank == 0:
+        out["path"], out["skipped"] = integrity.latest_valid(run_dir)
+        if out["path"] is None and resume_from:
+            problems = integrity.verify(resume_from)
+            if problems:
+                out["error"] = (f"run.resume_from: {resume_from} is not a committed, intact "
+                                f"checkpoint: {'; '.join(problems[:5])}")
+            else:
+                out["path"] = resume_from
+    out = _bcast(out, world)
+    if out.get("error"):
+        raise ValueError(out["error"])
+    return out
+
+
+def _repeated_failure(hub, limit: int) -> Optional[str]:
+    """When the last ``limit`` attempts of this run all died right after the same step."""
+    import ray
+
+    if hub is None or limit <= 0:
+        return None
+    attempts = ray.get(hub.attempts.remote())
+    if len(attempts) < limit:
+        return None
+    recent = attempts[-limit:]
+    lasts = {a["last_step"] for a in recent}
+    if len(lasts) == 1:
+        step = lasts.pop()
+        return (f"the last {limit} attempts all failed at step {step + 1} (started from "
+                f"steps {', '.join(str(a['start_step']) for a in recent)}): a repeating failure "
+                f"(a bad batch or a bug) rather than lost machines; see the worker logs. "
+                f"scaling.same_step_failures={limit} stopped the retries")
+    return None
+
+
+def train_loop_per_worker(config: Dict[str, Any]) -> None:
+    import ray.train
+
     cfg, data_dir, hub = config["cfg"], config["data_dir"], config.get("hub")
+    run_dir = config["run_storage"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     manifest = load_manifest(data_dir)
     if manifest is None:
         raise FileNotFoundError(f"worker {rank}: no prepared data at {data_dir}; on several nodes "
                                 "the data must be on shared storage (run.storage_path=s3://...)")
-    per_step = world * cfg.train.micro_batch_size
-    if (cfg.train.global_batch_tokens // cfg.data.seq_len) % per_step:
-        raise ValueError(f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not "
-                         f"divisible into {world} workers x {cfg.train.micro_batch_size} sequences "
-                         f"of {cfg.data.seq_len} tokens")
+    samples = cfg.train.global_batch_tokens // cfg.data.seq_len
+    if samples % world:
+        raise ValueError(f"train.global_batch_tokens={cfg.train.global_batch_tokens} "
+                         f"({samples} sequences) cannot be split over {world} workers")
+    t = cfg.train
+    # A failure that keeps repeating at one step ends the run cleanly, with a report.
+    fatal = _bcast(_repeated_failure(hub, cfg.scaling.same_step_failures) if rank == 0 else None, world)
+    if fatal:
+        if hub is not None and rank == 0:
+            hub.push.remote({"event": "fatal", "reason": fatal})
+        return
+
     eos, pad = manifest["tokenizer"]["eos_token_id"], manifest["tokenizer"]["pad_token_id"]
     engine = build_engine(cfg, manifest["tokenizer"]["vocab_size"], eos, pad, rank, world,
                           _device(config["use_gpu"]))
-    loader = GlobalSampleLoader(data_dir, manifest, cfg.train.seed, engine.global_batch)
+    engine.extra["skipped"] = []
+    loader = GlobalSampleLoader(data_dir, manifest, t.seed, engine.global_batch)
     val = manifest["counts"]["val"]
     bytes_per_token = val["bytes"] / val["tokens"] if val.get("bytes") else None
     tok_dir = tokenizer_path(manifest, data_dir)
-    meta = {"config_fingerprint": fingerprint(cfg), "data_manifest": config["manifest_hash"]}
+    meta = {"config_fingerprint": fingerprint(cfg), "data_manifest": config["manifest_hash"],
+            "config": to_dict(cfg)}
+    injector = Injector(t.inject_faults, run_dir, rank)
+    guard = DivergenceGuard(t.guard)
+    saver = Checkpointer(engine, run_dir, meta, tok_dir, injector, hub)
 
-    # The run's own latest checkpoint wins (a restart after a failure, or a relaunch with the
-    # same run name); run.resume_from only seeds a run that has none yet.
-    restored = ray.train.get_checkpoint()
-    if restored is None and cfg.run.resume_from:
-        restored = Checkpoint(cfg.run.resume_from)
-    if restored is not None:
-        with restored.as_directory() as path:
-            state = ckpt.load(engine, path)
+    chosen = _choose_checkpoint(rank, world, run_dir, cfg.run.resume_from)
+    if chosen["path"] is not None:
+        state = _restore(engine, chosen["path"])
         if state.get("data_manifest") not in (None, meta["data_manifest"]):
-            raise ValueError(f"checkpoint {restored.path} was trained on other data (manifest "
+            raise ValueError(f"checkpoint {chosen['path']} was trained on other data (manifest "
                              f"{state['data_manifest'][:12]}, now {meta['data_manifest'][:12]}): "
                              "its data cursor would point at different samples")
     if hub is not None and rank == 0:
+        for s in chosen["skipped"]:
+            hub.push.remote({"event": "checkpoint_skipped", **s})
         hub.push.remote({"event": "start", "step": engine.step, "world_size": world,
                          "num_params": engine.num_params, "grad_accum": engine.grad_accum,
-                         "restored": restored is not None, "precision": engine.extra["precision"]})
+                         "restored": chosen["path"] is not None, "checkpoint": chosen["path"],
+                         "cursor": engine.cursor, "precision": engine.extra["precision"]})
 
-    t = cfg.train
     val_total, val_forwards = _eval_plan(engine, loader)
     end = t.stop_at_step or t.max_steps
+    rollbacks = 0
     while engine.step < end:
+        nxt = engine.step + 1
         metrics = train_step(engine, list(loader.micro_batches(engine.cursor, rank, world,
-                                                               t.micro_batch_size)))
+                                                               t.micro_batch_size)),
+                             guard=guard.check, loss_scale=injector.loss_scale(nxt))
+        if "anomaly" in metrics:
+            for kind in ("nan", "spike"):
+                injector.fired(kind, nxt)
+            rollbacks += 1
+            if rollbacks > t.guard.max_rollbacks:
+                if hub is not None and rank == 0:
+                    hub.push.remote({"event": "fatal", "step": nxt, "reason": (
+                        f"step {nxt}: {metrics['anomaly']}; train.guard.max_rollbacks="
+                        f"{t.guard.max_rollbacks} rollbacks already made: the run is diverging "
+                        "(lower optim.lr, raise warmup, or check the data)")})
+                saver.wait()
+                return
+            _rollback(engine, saver, guard, rank, world, run_dir, metrics, hub)
+            continue
+        injector.maybe_kill("kill", engine.step)
         metrics["epoch"] = loader.epoch_of(engine.cursor)
         last = engine.step == end
         if engine.step % t.eval_every == 0 or last:
             batches = loader.val_batches(val_total, rank, world, t.micro_batch_size)
             metrics.update(evaluate(engine, batches, val_forwards, bytes_per_token))
-        if hub is not None and rank == 0 and (engine.step % t.log_every == 0 or last
-                                              or "val_loss" in metrics):
-            hub.push.remote(metrics)
-        if last or (t.checkpoint_every and engine.step % t.checkpoint_every == 0):
-            with tempfile.TemporaryDirectory(prefix="tidal-ckpt-") as tmp:
-                ckpt.save(engine, tmp, meta, tok_dir)
-                ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                                 checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{engine.step:07d}")
+        if hub is not None and rank == 0:
+            if engine.step % t.log_every == 0 or last or "val_loss" in metrics:
+                hub.push.remote(metrics)
+            else:
+                hub.heartbeat.remote(engine.step)
+        saver.poll()
+        due = last or (t.checkpoint_every and engine.step % t.checkpoint_every == 0)
+        if not due and cfg.scaling.preemption_check_every and \
+                engine.step % cfg.scaling.preemption_check_every == 0:
+            info = ray.train.get_preemption_info()  # a barrier: every rank asks together
+            if info is not None and saver.last_saved != engine.step:
+                due = True
+                if hub is not None and rank == 0:
+                    hub.push.remote({"event": "preemption", "step": engine.step,
+                                     "nodes": info.preempted_node_ids,
+                                     "deadline_ms": info.deadline_ms})
+        if due:
+            saver.save(metrics)
+    saver.wait()
     if t.export_hf and config.get("export_dir"):
         export_hf(engine.model, rank, tok_dir, config["export_dir"])
         if hub is not None and rank == 0:
             hub.push.remote({"event": "exported", "step": engine.step, "path": config["export_dir"]})
+
+
+def _rollback(engine, saver: Checkpointer, guard: DivergenceGuard, rank: int, world: int,
+              run_dir: str, metrics: Dict, hub) -> None:
+    """Back to the last committed checkpoint, then past the batches that led to the anomaly."""
+    saver.wait()
+    bad_step, bad_end = metrics["step"], engine.cursor + engine.global_batch
+    path = _bcast(integrity.latest_valid(run_dir)[0] if rank == 0 else None, world)
+    skipped: List = list(engine.extra.get("skipped", []))
+    if path is not None:
+        _restore(engine, path)  # model, optimizer, step, cursor, RNG as they were
+    window = [engine.cursor, bad_end]  # global sample positions never trained on
+    engine.cursor = bad_end
+    engine.extra["skipped"] = skipped + [window]
+    guard.reset()
+    if hub is not None and rank == 0:
+        hub.push.remote({"event": "rollback", "step": bad_step, "reason": metrics["anomaly"],
+                         "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                         "to_step": engine.step, "checkpoint": path,
+                         "skipped_samples": window, "skipped_batches": (window[1] - window[0])
+                         // engine.global_batch})

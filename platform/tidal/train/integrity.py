@@ -1,0 +1,136 @@
+"""Checkpoint integrity: a checkpoint counts only once it is committed and verifies.
+
+Each rank lists the files it wrote with their size and SHA-256 (``integrity/rank_<r>.json``,
+uploaded with its shard). When every rank's upload has finished, rank 0 merges the lists
+into ``COMMITTED.json``, written last and atomically. A directory without the marker is
+a save that never finished (a crash, a preemption, a killed worker); a file whose size or
+digest differs from the marker is a damaged one. Resuming walks the run's checkpoints from
+newest to oldest and loads the first that verifies, reporting every one it skips.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Dict, List, Optional, Tuple
+
+from tidal.data import io as tio
+
+COMMIT = "COMMITTED.json"
+RANK_DIR = "integrity"
+CKPT_RE = re.compile(r"^checkpoint_(\d+)$")
+CHUNK = 8 << 20
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:07d}"
+
+
+def _sha256_local(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(CHUNK)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def write_rank_manifest(local_dir: str, rank: int) -> Dict[str, Dict]:
+    """Digest every file this rank wrote into ``local_dir`` (before it is uploaded)."""
+    files = {}
+    for root, _, names in os.walk(local_dir):
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
+            if rel.startswith(RANK_DIR + "/"):
+                continue
+            files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256_local(full)}
+    os.makedirs(os.path.join(local_dir, RANK_DIR), exist_ok=True)
+    with open(os.path.join(local_dir, RANK_DIR, f"rank_{rank}.json"), "w") as f:
+        json.dump(files, f, sort_keys=True)
+    return files
+
+
+def commit(ckpt_dir: str, world: int, step: int, extra: Optional[Dict] = None) -> Dict:
+    """Rank 0, after every rank's upload: merge the rank lists and write the marker last."""
+    files: Dict[str, Dict] = {}
+    for r in range(world):
+        part = json.loads(tio.read_bytes(tio.join(ckpt_dir, RANK_DIR, f"rank_{r}.json")))
+        for rel, info in part.items():
+            if rel in files and files[rel] != info:
+                raise RuntimeError(f"checkpoint {ckpt_dir}: ranks wrote different {rel}")
+            files[rel] = info
+    marker = {"step": step, "world_size": world, "committed_at": time.time(), "files": files,
+              **(extra or {})}
+    tio.write_bytes(tio.join(ckpt_dir, COMMIT), json.dumps(marker, indent=1, sort_keys=True).encode())
+    return marker
+
+
+def verify(ckpt_dir: str, full: bool = True) -> List[str]:
+    """Problems with ``ckpt_dir`` (empty when it is committed and intact). ``full`` checks
+    every file's digest; otherwise sizes only (cheap, for a first look from the driver)."""
+    try:
+        marker = json.loads(tio.read_bytes(tio.join(ckpt_dir, COMMIT)))
+    except FileNotFoundError:
+        return [f"no {COMMIT} (the save never finished)"]
+    except (OSError, ValueError) as e:
+        return [f"unreadable {COMMIT}: {e}"]
+    problems = []
+    for rel, info in sorted(marker.get("files", {}).items()):
+        path = tio.join(ckpt_dir, *rel.split("/"))
+        size = tio.file_size(path)
+        if size is None:
+            problems.append(f"{rel}: missing")
+        elif size != info["bytes"]:
+            problems.append(f"{rel}: {size} bytes, committed {info['bytes']} (truncated or overwritten)")
+        elif full and tio.sha256_file(path)[0] != info["sha256"]:
+            problems.append(f"{rel}: content differs from its committed SHA-256 (corrupted)")
+    if not marker.get("files"):
+        problems.append(f"{COMMIT} lists no files")
+    return problems
+
+
+def list_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
+    """``[(step, path)]`` of the run's checkpoint directories, newest first."""
+    out = []
+    for name in tio.list_dir(run_dir):
+        m = CKPT_RE.match(name)
+        if m:
+            out.append((int(m.group(1)), tio.join(run_dir, name)))
+    return sorted(out, reverse=True)
+
+
+def latest_valid(run_dir: str, full: bool = True, log=None) -> Tuple[Optional[str], List[Dict]]:
+    """The newest committed, intact checkpoint of the run, and the ones skipped (with why)."""
+    skipped = []
+    for step, path in list_checkpoints(run_dir):
+        problems = verify(path, full=full)
+        if not problems:
+            return path, skipped
+        skipped.append({"checkpoint": path, "step": step, "problems": problems})
+        if log is not None:
+            log(f"skipping checkpoint {path}: " + "; ".join(problems[:3])
+                + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
+    return None, skipped
+
+
+def prune(run_dir: str, keep: int, log=None) -> List[str]:
+    """Keep the newest ``keep`` committed checkpoints; remove older ones, and unfinished
+    ones older than the newest committed (a newer unfinished one may still be uploading)."""
+    removed, committed = [], 0
+    for _, path in list_checkpoints(run_dir):
+        ok = tio.exists(tio.join(path, COMMIT))
+        if ok:
+            committed += 1
+            if committed <= keep:
+                continue
+        elif committed == 0:
+            continue
+        tio.remove_tree(path)
+        removed.append(path)
+        if log is not None:
+            log(f"removed checkpoint {path}" + ("" if ok else " (never committed)"))
+    return removed
