@@ -18,9 +18,19 @@ _hydra.register("pretrain_schema", PretrainConfig)
 def main(cfg) -> None:
     config = _hydra.build(cfg, PretrainConfig, validate_pretrain)  # fails before Ray starts
     from tidal.tracking.console import print_summary
-    from tidal.train.launch import run_pretrain
+    from tidal.train.launch import RunStopped, run_pretrain
 
-    print_summary("pretraining finished", run_pretrain(config))
+    try:
+        summary = run_pretrain(config)
+    except RunStopped as e:  # the run stopped itself (divergence, a repeating failure)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except ValueError as e:  # e.g. resuming with a config that changes the checkpoint's meaning
+        if "run.allow_changes" not in str(e) and "run.resume_from" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print_summary("pretraining finished", summary)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,13 @@ def print_summary(title: str, summary: Dict) -> None:
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
     for k, v in summary.items():
+        if isinstance(v, (list, dict)) and not v:
+            continue  # e.g. no rollbacks, no skipped checkpoints
         if isinstance(v, float):
-            v = f"{v:,.1f}" if k.endswith("_s") or abs(v) >= 100 else f"{v:,.4f}"
+            if k.endswith("_s"):
+                v = f"{v:,.1f}" if v >= 10 else f"{v:.3f}"
+            else:
+                v = f"{v:,.1f}" if abs(v) >= 100 else f"{v:,.4f}"
         elif isinstance(v, int):
             v = f"{v:,}"
         table.add_row(k.replace("_", " "), str(v))

@@ -150,7 +150,7 @@ def train_step(engine: Engine, micro_batches: List[np.ndarray],
     out = {"step": engine.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
            "step_time_s": dt, "tokens_per_s": tokens / dt, "tokens_per_s_per_worker": tps_device,
            "tokens_seen": engine.tokens_seen, "peak_mem_gib": M.peak_memory_gib(engine.device),
-           "world_size": engine.world, "grad_accum": n}
+           "world_size": engine.world, "grad_accum": n, "time": time.time()}
     util = M.mfu(tps_device, engine.flops_per_token, engine.peak_flops)
     if util is not None:
         out["mfu"] = util

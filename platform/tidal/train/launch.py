@@ -267,7 +267,9 @@ def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
             name=cfg.run.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             # tidal prunes: only committed checkpoints count towards train.keep_checkpoints
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            # Ray Train's per-report INFO lines would drown the progress bar; ours say more
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
     wandb = WandbSink(cfg.logger, cfg.run.name, run_dir, config)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -91,8 +92,10 @@ class Checkpointer:
             self.group = dist.new_group(backend="gloo") if _distributed(engine.world) else True
         self.last_saved = -1
 
-    def save(self, metrics: Dict) -> float:
-        """Checkpoint the current step (collective); returns the seconds training was blocked."""
+    def save(self, metrics: Dict) -> None:
+        """Checkpoint the current step (collective). Sync: write, digest, upload, commit.
+        Async: stage the shards in memory and return; a background thread writes and digests
+        them, and a later ``poll`` uploads and commits once every rank is done."""
         self.wait()
         e = self.engine
         t0 = time.perf_counter()
@@ -106,34 +109,43 @@ class Checkpointer:
         self.last_saved = e.step
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if future is None:
-            self._finish(e.step, name, tmp, scalars)
-        else:
-            self.pending = (e.step, name, tmp, future, scalars)
-        blocked = time.perf_counter() - t0
-        if self.hub is not None and e.rank == 0:
-            self.hub.push.remote({"event": "checkpoint", "step": e.step, "blocking_s": blocked,
-                                  "async": future is not None})
-        return blocked
+            integrity.write_rank_manifest(tmp, e.rank)
+            self._finish(e.step, name, tmp, scalars, time.perf_counter() - t0, False)
+            return
+        done = threading.Event()
+
+        def write_and_digest():
+            try:
+                future.result()
+                integrity.write_rank_manifest(tmp, e.rank)
+            finally:
+                done.set()
+
+        threading.Thread(target=write_and_digest, daemon=True).start()
+        self.pending = (e.step, name, tmp, future, scalars, done, time.perf_counter() - t0)
 
     def poll(self) -> None:
         """Commit a finished async save (collective: every rank must have finished writing)."""
-        if self.pending is not None and _all_true(self.pending[3].done(), self.engine.world):
+        if self.pending is not None and _all_true(self.pending[5].is_set(), self.engine.world):
             self.wait()
 
     def wait(self) -> None:
         if self.pending is None:
             return
-        step, name, tmp, future, scalars = self.pending
+        step, name, tmp, future, scalars, done, blocked = self.pending
         self.pending = None
-        future.result()
-        self._finish(step, name, tmp, scalars)
+        t0 = time.perf_counter()
+        done.wait()
+        future.result()  # re-raises a failed write
+        self._finish(step, name, tmp, scalars, blocked + time.perf_counter() - t0, True)
 
-    def _finish(self, step: int, name: str, tmp: str, scalars: Dict) -> None:
+    def _finish(self, step: int, name: str, tmp: str, scalars: Dict, blocked: float,
+                is_async: bool) -> None:
         import ray.train
         from ray.train import Checkpoint
 
         e = self.engine
-        integrity.write_rank_manifest(tmp, e.rank)
+        t0 = time.perf_counter()
         ray.train.report(scalars, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         self.injector.maybe_kill("kill_in_save", step)
         _barrier(e.world)  # every rank's shard is in storage
@@ -141,6 +153,11 @@ class Checkpointer:
             integrity.commit(tio.join(self.run_dir, name), e.world, step)
             integrity.prune(self.run_dir, self.keep)
         shutil.rmtree(tmp, ignore_errors=True)
+        blocked += time.perf_counter() - t0
+        if self.hub is not None and e.rank == 0:
+            # seconds the training loop spent on this checkpoint, all phases together
+            self.hub.push.remote({"event": "checkpoint", "step": step, "blocking_s": blocked,
+                                  "async": is_async})
 
 
 def _restore(engine, path: str) -> Dict:

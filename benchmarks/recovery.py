@@ -1,0 +1,108 @@
+"""Cost of failures and of checkpoints, side by side in one process on a local Ray runtime.
+
+1. Time lost per failure: the same deterministic run without and with SIGKILLed workers
+   (train.inject_faults); per failure, the time from the kill to the first new step, the
+   steps replayed since the restored checkpoint, and the extra wall time per failure.
+2. Checkpoint blocking: seconds the training loop spends per checkpoint, synchronous DCP
+   saves against DCP ``async_save`` (staging in memory, writing in a background thread).
+
+    python benchmarks/recovery.py [--model tiny] [--steps 40] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "jobs"))
+import _hydra  # noqa: E402,F401
+
+from tidal.config import PretrainConfig, from_dict, to_dict, validate_pretrain  # noqa: E402
+
+DATA = os.environ.get("TIDAL_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+MODELS = {  # shapes as in conf/model/
+    "tiny": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
+             "intermediate_size": 688},
+    "small": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 8,
+              "intermediate_size": 1376},
+}
+
+
+def config(out: str, name: str, args, **train) -> PretrainConfig:
+    d = to_dict(PretrainConfig())
+    d["model"].update(MODELS[args.model])
+    d["data"].update({"name": "tinyshakespeare", "seq_len": 128,
+                      "sources": [os.path.join(DATA, "tinyshakespeare", "input.txt")],
+                      "tokenizer": {"vocab_size": 4096}})
+    d["scaling"].update({"workers": args.workers, "max_failures": 5})
+    d["logger"].update({"wandb": False, "wandb_mode": "disabled", "progress": False})
+    d["train"].update({"max_steps": args.steps, "global_batch_tokens": 4096, "micro_batch_size": 8,
+                       "eval_every": args.steps, "eval_batches": 1, "checkpoint_every": args.every,
+                       "keep_checkpoints": 2, "deterministic": True, "export_hf": False, **train})
+    d["run"].update({"name": name, "output_dir": out})
+    return validate_pretrain(from_dict(PretrainConfig, d))
+
+
+def read(run_dir: str, name: str):
+    with open(os.path.join(run_dir, name)) as f:
+        return [json.loads(line) for line in f]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--every", type=int, default=5, help="checkpoint every N steps")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    from tidal.train.launch import run_pretrain
+
+    out = tempfile.mkdtemp(prefix="tidal-bench-recovery-")
+    kills = [f"kill@{args.steps // 3 + 2}:1", f"kill@{2 * args.steps // 3 + 3}:0"]
+    clean = run_pretrain(config(out, "clean", args))
+    faulty = run_pretrain(config(out, "faulty", args, inject_faults=kills))
+    sync = run_pretrain(config(out, "sync", args, checkpoint_every=2))
+    asyn = run_pretrain(config(out, "async", args, checkpoint_every=2, async_checkpoint=True))
+
+    recs = read(faulty["run_dir"], "metrics.jsonl")  # the surviving record of each step
+    starts = [e for e in read(faulty["run_dir"], "events.jsonl") if e["event"] == "start"][1:]
+    step_time = statistics.median(r["step_time_s"] for r in read(clean["run_dir"], "metrics.jsonl")[2:])
+    print(f"\nfailures: {args.model} model, {args.workers} workers (gloo, CPU), checkpoint every "
+          f"{args.every} steps, median step {step_time:.3f}s")
+    print(f"{'fault':<12}{'restored from':>14}{'kill -> first new step s':>26}{'replayed steps':>16}")
+    lost = []
+    for spec, start in zip(kills, starts):
+        step = int(spec.split("@")[1].split(":")[0])
+        marker = os.path.join(out, "faulty", "faults", spec.replace(":", "_"))
+        killed_at = os.path.getmtime(marker)
+        first = next(r for r in recs if r["step"] == start["step"] + 1)
+        lost.append(first["time"] - killed_at)
+        print(f"{spec:<12}{start['step']:>14}{first['time'] - killed_at:>26.1f}{step - start['step']:>16}")
+    clean_recs = read(clean["run_dir"], "metrics.jsonl")
+    # training time from the first step to the last (data preparation and start-up excluded);
+    # the faulty run's first record survives from its first attempt, its last from the final one
+    span_clean = clean_recs[-1]["time"] - clean_recs[0]["time"]
+    span_faulty = recs[-1]["time"] - recs[0]["time"]
+    extra = (span_faulty - span_clean) / len(kills)
+    print(f"first to last step: clean {span_clean:.1f}s, with {len(kills)} failures "
+          f"{span_faulty:.1f}s -> {extra:.1f}s lost per failure ({extra / step_time:.0f} steps' "
+          f"worth: restart + replayed steps); same losses: "
+          f"{[r['loss'] for r in recs] == [r['loss'] for r in clean_recs]}")
+
+    def blocking(summary):
+        return [e["blocking_s"] for e in read(summary["run_dir"], "events.jsonl") if e["event"] == "checkpoint"]
+
+    b_sync, b_async = blocking(sync), blocking(asyn)
+    print(f"\ncheckpoint blocking time per save ({len(b_sync)} saves each, median)")
+    print(f"{'mode':<22}{'blocking s':>12}{'steps/s (whole run)':>22}")
+    for name, b, s in (("sync DCP save", b_sync, sync), ("async DCP save", b_async, asyn)):
+        print(f"{name:<22}{statistics.median(b):>12.3f}{args.steps / s['wall_time_s']:>22.2f}")
+    print(f"ratio async / sync blocking: {statistics.median(b_async) / statistics.median(b_sync):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Per-token log-probabilities and entropy of the taken tokens, without the full logits.
+
+SFT, DPO and PPO need ``log p(token)`` (and PPO the entropy) for every position. The plain
+way projects the hidden states to a ``[tokens x vocab]`` fp32 logit matrix, takes a
+log-softmax (a second one) and keeps both for backward: at 4k tokens and a 128k vocabulary
+that is 4 GB before any gradient. :func:`chunked_token_logprobs` projects ``chunk_size``
+tokens at a time, keeps only the per-token results, and in backward recomputes each
+chunk's logits to form its gradient, so the peak extra memory is a few chunk-sized
+buffers. :func:`token_logprobs` is the plain reference with the same signature.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+IGNORE = -100
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   ignore_index: int = IGNORE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference: ``(logp, entropy)`` of shape ``labels.shape`` from the full fp32 logits.
+    ``hidden`` is ``[..., H]``, ``weight`` the ``[V, H]`` output projection; positions whose
+    label is ``ignore_index`` get log-prob 0."""
+    logits = (hidden @ weight.t()).float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    safe = labels.clamp(min=0)
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(labels == ignore_index, torch.zeros_like(logp), logp)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def _chunk_logp(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(h @ weight.T)`` in fp32, normalized in place (one chunk-sized buffer)."""
+    logits = (h @ weight.t()).float()
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    """At most two ``[chunk x vocab]`` fp32 buffers live at any time, forward or backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int):
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk_size):
+            e = min(n, s + chunk_size)
+            logp_all = _chunk_logp(hidden[s:e], weight)
+            lab = labels[s:e]
+            lp = logp_all.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            logp[s:e] = torch.where(lab == ignore_index, torch.zeros_like(lp), lp)
+            entropy[s:e] = -logp_all.exp().mul_(logp_all).sum(-1)
+            del logp_all
+        ctx.save_for_backward(hidden, weight, labels, entropy)
+        ctx.chunk_size, ctx.ignore_index = chunk_size, ignore_index
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        hidden, weight, labels, entropy = ctx.saved_tensors
+        n = hidden.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        g_logp = g_logp if g_logp is not None else torch.zeros(n, device=hidden.device)
+        g_entropy = g_entropy if g_entropy is not None else torch.zeros(n, device=hidden.device)
+        for s in range(0, n, ctx.chunk_size):
+            e = min(n, s + ctx.chunk_size)
+            h = hidden[s:e]
+            lab = labels[s:e]
+            a = (g_logp[s:e] * (lab != ctx.ignore_index).float()).unsqueeze(-1)
+            b = g_entropy[s:e].unsqueeze(-1)
+            # d logp_y / d z = onehot(y) - p ;  d H / d z = -p * (log p + H), so
+            # d L / d z = p * (-a - b * (log p + H)) + a * onehot(y)
+            g = _chunk_logp(h, weight)
+            p = g.exp()
+            g.add_(entropy[s:e].unsqueeze(-1)).mul_(-b).sub_(a).mul_(p)
+            del p
+            g.scatter_add_(-1, lab.clamp(min=0).unsqueeze(-1), a)
+            g = g.to(hidden.dtype)
+            if need_h:
+                grad_h[s:e] = g @ weight
+            if need_w:
+                grad_w.addmm_(g.t().float(), h.float())
+            del g
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           chunk_size: int = 1024, ignore_index: int = IGNORE
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Same results as :func:`token_logprobs` (fp32), computing ``chunk_size`` tokens'
+    logits at a time in forward and again in backward; never holds ``[tokens x vocab]``."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    shape = labels.shape
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    logp, entropy = _ChunkedLogProbs.apply(flat_h, weight, labels.reshape(-1), chunk_size, ignore_index)
+    return logp.reshape(shape), entropy.reshape(shape)
+
+
+def sequence_logprob(logp: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE,
+                     average: bool = False) -> torch.Tensor:
+    """Sum (or mean) of per-token log-probs over each sequence's labelled positions."""
+    mask = (labels != ignore_index).to(logp.dtype)
+    total = (logp * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
