@@ -70,28 +70,26 @@ def main() -> None:
 
     recs = read(faulty["run_dir"], "metrics.jsonl")  # the surviving record of each step
     starts = [e for e in read(faulty["run_dir"], "events.jsonl") if e["event"] == "start"][1:]
-    step_time = statistics.median(r["step_time_s"] for r in read(clean["run_dir"], "metrics.jsonl")[2:])
+    step_time = statistics.median(r["step_time_s"] for r in recs[2:])
     print(f"\nfailures: {args.model} model, {args.workers} workers (gloo, CPU), checkpoint every "
           f"{args.every} steps, median step {step_time:.3f}s")
-    print(f"{'fault':<12}{'restored from':>14}{'kill -> first new step s':>26}{'replayed steps':>16}")
+    print(f"{'fault':<12}{'restored from':>14}{'kill -> first new step s':>26}{'replayed steps':>16}"
+          f"{'kill -> back at that step s':>29}")
     lost = []
     for spec, start in zip(kills, starts):
         step = int(spec.split("@")[1].split(":")[0])
         marker = os.path.join(out, "faulty", "faults", spec.replace(":", "_"))
         killed_at = os.path.getmtime(marker)
         first = next(r for r in recs if r["step"] == start["step"] + 1)
-        lost.append(first["time"] - killed_at)
-        print(f"{spec:<12}{start['step']:>14}{first['time'] - killed_at:>26.1f}{step - start['step']:>16}")
+        back = next(r for r in recs if r["step"] == step)  # the replayed record survives
+        lost.append(back["time"] - killed_at)
+        print(f"{spec:<12}{start['step']:>14}{first['time'] - killed_at:>26.1f}{step - start['step']:>16}"
+              f"{back['time'] - killed_at:>29.1f}")
     clean_recs = read(clean["run_dir"], "metrics.jsonl")
-    # training time from the first step to the last (data preparation and start-up excluded);
-    # the faulty run's first record survives from its first attempt, its last from the final one
-    span_clean = clean_recs[-1]["time"] - clean_recs[0]["time"]
-    span_faulty = recs[-1]["time"] - recs[0]["time"]
-    extra = (span_faulty - span_clean) / len(kills)
-    print(f"first to last step: clean {span_clean:.1f}s, with {len(kills)} failures "
-          f"{span_faulty:.1f}s -> {extra:.1f}s lost per failure ({extra / step_time:.0f} steps' "
-          f"worth: restart + replayed steps); same losses: "
-          f"{[r['loss'] for r in recs] == [r['loss'] for r in clean_recs]}")
+    print(f"time lost per failure (kill -> training back where it was): median "
+          f"{statistics.median(lost):.1f}s = {statistics.median(lost) / step_time:.0f} steps' worth "
+          f"(restart + replay since the last checkpoint); per-step losses equal to the run "
+          f"without failures: {[r['loss'] for r in recs] == [r['loss'] for r in clean_recs]}")
 
     def blocking(summary):
         return [e["blocking_s"] for e in read(summary["run_dir"], "events.jsonl") if e["event"] == "checkpoint"]

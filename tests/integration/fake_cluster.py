@@ -107,9 +107,12 @@ def kill_marked(mark: str, term_wait_s: float = 5.0) -> Set[int]:
 # ------------------------------------------------------------------------------- cluster
 class FakeAutoscalingCluster:
     """A head node (``head_cpus`` CPUs) plus ``min_workers..max_workers`` autoscaled worker
-    nodes of ``worker_resources`` each. Use as a context manager; ``address`` is what
-    ``RAY_ADDRESS`` should hold. ``env`` is added to the environment of every process of the
-    cluster (raylets, and so the Ray workers they start)."""
+    nodes of ``worker_resources`` each (``set_max_workers`` changes the ceiling while it runs).
+    Use as a context manager; ``address`` is what ``RAY_ADDRESS`` should hold. ``env`` is added
+    to the environment of every process of the cluster (raylets, and so the Ray workers they
+    start). With ``max_workers=0`` it is a private single-node Ray whose every process has
+    RAY_ADDRESS pointing at it, so that nothing in it can mistake another Ray on the machine
+    for its own."""
 
     def __init__(self, worker_resources: Optional[Dict] = None, head_cpus: float = 0,
                  min_workers: int = 1, max_workers: int = 3, idle_timeout_minutes: float = 5.0,
@@ -128,6 +131,7 @@ class FakeAutoscalingCluster:
         self.object_store_bytes = object_store_bytes
         self.temp_root = temp_root
         self.temp_dir: Optional[str] = None
+        self.config_path = ""
         self._reaper: Optional[subprocess.Popen] = None
         worker = {"resources": {**(worker_resources or {"CPU": 1}),
                                 "object_store_memory": object_store_bytes},
@@ -162,11 +166,10 @@ class FakeAutoscalingCluster:
         # a short temp dir: Ray's unix socket paths must stay under 108 characters
         self.temp_dir = tempfile.mkdtemp(prefix="tfc", dir=self.temp_root)
         self._start_reaper()
-        cfg_path = os.path.join(self.temp_dir, "autoscaling.json")
-        with open(cfg_path, "w") as f:
-            json.dump(self.config, f)
+        self.config_path = os.path.join(self.temp_dir, "autoscaling.json")
+        self._write_config()
         ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-        cmd = [ray_bin, "start", "--head", f"--autoscaling-config={cfg_path}",
+        cmd = [ray_bin, "start", "--head", f"--autoscaling-config={self.config_path}",
                f"--port={self.port}", f"--temp-dir={self.temp_dir}",
                f"--num-cpus={self.head_cpus}", f"--object-store-memory={self.object_store_bytes}",
                f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
@@ -243,6 +246,19 @@ class FakeAutoscalingCluster:
             [sys.executable, os.path.abspath(__file__), "--reap", self.mark, str(os.getpid())],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def set_max_workers(self, n: int) -> None:
+        """Let the autoscaler run up to ``n`` worker nodes (as a cloud granting more quota):
+        it re-reads its config file on every update, and launches nodes for pending demand."""
+        self.config["max_workers"] = n
+        self.config["available_node_types"]["cpu_worker"]["max_workers"] = n
+        self._write_config()
+
+    def _write_config(self) -> None:
+        tmp = self.config_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.config, f)
+        os.replace(tmp, self.config_path)  # never a half-written config for the autoscaler
 
     # -- nodes (need a Ray connection to this cluster)
     @staticmethod

@@ -34,7 +34,8 @@ LOSS_RTOL = 1e-4
 # placed (the dead node is still counted for a moment) after 10 s instead of 30 s.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
 
-SCALE_UP_TIMEOUT_S = 150   # from the start of the elastic run to 2 steps done by 3 workers
+START_TIMEOUT_S = 120      # from the start of the elastic run to 3 steps done by 1 worker
+SCALE_UP_TIMEOUT_S = 150   # from allowing 2 more nodes to 2 steps done by 3 workers
 FINISH_TIMEOUT_S = 240     # from the kill to the end of the run
 
 
@@ -78,23 +79,29 @@ def test_elastic_run_grows_loses_a_node_and_matches_a_fixed_size_run(tmp_path, m
 
     out = tmp_path
     t_start = time.time()
-
-    # 1. the fixed-size reference (2 workers) on a plain local Ray; it also prepares the data,
-    #    which the elastic run then finds under the same output_dir
     ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    try:
-        fixed = run_pretrain(small_cfg(out, run={"name": "fixed"}, scaling={"workers": 2},
-                                       train=TRAIN))
-    finally:
-        ray.shutdown()
+
+    for k, v in {**TRAIN_ENV, "RAY_AUTH_MODE": "disabled"}.items():
+        monkeypatch.setenv(k, v)
+
+    # 1. the fixed-size reference (2 workers). It runs on a private head node, not ray.init():
+    #    Ray Train's PlacementGroupCleaner finds "its" cluster through the state API, which
+    #    auto-discovers Ray runtimes when RAY_ADDRESS is unset; with another Ray on the machine
+    #    it may ask the wrong one, decide the run's controller is gone and kill the workers.
+    #    It also prepares the data, which the elastic run then finds under the same output_dir.
+    with FakeAutoscalingCluster(head_cpus=4, min_workers=0, max_workers=0,
+                                coordinator_tick_s=None) as plain:
+        monkeypatch.setenv("RAY_ADDRESS", plain.address)
+        try:
+            fixed = run_pretrain(small_cfg(out, run={"name": "fixed"}, scaling={"workers": 2},
+                                           train=TRAIN))
+        finally:
+            ray.shutdown()
     t_fixed = time.time() - t_start
     base = {r["step"]: r for r in read_records(fixed["metrics"])}
     assert sorted(base) == list(range(1, STEPS + 1))
 
     # 2. the elastic run on the fake autoscaling cluster: 1 worker node at first, up to 3
-    for k, v in {**TRAIN_ENV, "RAY_AUTH_MODE": "disabled"}.items():
-        monkeypatch.setenv(k, v)
     cfg = small_cfg(out, run={"name": "elastic"},
                     scaling={"workers": "1..3", "max_failures": 3, "resize_check_s": 2},
                     train=TRAIN)
@@ -108,8 +115,9 @@ def test_elastic_run_grows_loses_a_node_and_matches_a_fixed_size_run(tmp_path, m
         except BaseException as e:  # re-raised in the test's thread
             result["error"] = e
 
+    # the cloud lends one worker node at first (max_workers=1); more when the test says so
     with FakeAutoscalingCluster(worker_resources={"CPU": 1}, head_cpus=0, min_workers=1,
-                                max_workers=3, env=TRAIN_ENV) as cluster:
+                                max_workers=1, env=TRAIN_ENV) as cluster:
         monkeypatch.setenv("RAY_ADDRESS", cluster.address)  # run_pretrain joins it
         trainer = threading.Thread(target=run, daemon=True, name="elastic-run")
         try:
@@ -132,11 +140,18 @@ def test_elastic_run_grows_loses_a_node_and_matches_a_fixed_size_run(tmp_path, m
                     f"size): {[(r['step'], r['world_size']) for r in recs[-5:]]}; alive worker "
                     f"nodes: {len(cluster.worker_nodes()) if ray.is_initialized() else '?'}")
 
-            # grows: 2 steps done by 3 workers
-            def at_three():
-                recs = read_records(metrics_path)
-                return recs if sum(r["world_size"] == 3 for r in recs) >= 2 else None
-            recs = wait_for("3 workers", at_three, SCALE_UP_TIMEOUT_S)
+            def steps_at(ws, n):
+                def cond():
+                    recs = read_records(metrics_path)
+                    return recs if sum(r["world_size"] == ws for r in recs) >= n else None
+                return cond
+
+            # starts: 1 worker on the one node, past its first checkpoint (step 2)
+            wait_for("3 steps by 1 worker", steps_at(1, 3), START_TIMEOUT_S)
+            t_one = time.time() - t0
+            # grows: two more nodes are allowed; the autoscaler adds them, Train resizes
+            cluster.set_max_workers(3)
+            recs = wait_for("2 steps by 3 workers", steps_at(3, 2), SCALE_UP_TIMEOUT_S)
             t_grown = time.time() - t0
             step_at_kill = recs[-1]["step"]
             assert step_at_kill < STEPS - 5, f"run nearly done ({step_at_kill}) before the kill"
@@ -165,8 +180,9 @@ def test_elastic_run_grows_loses_a_node_and_matches_a_fixed_size_run(tmp_path, m
 
     # the world sizes of the attempts: 1 at first, grown to 3, then fewer after the kill
     ws = summary["world_sizes"]
-    print(f"\nfixed run {t_fixed:.0f} s; elastic run: world sizes {ws}, 3 workers after "
-          f"{t_grown:.0f} s, node killed at step ~{step_at_kill}, done after {t_done:.0f} s")
+    print(f"\nfixed run {t_fixed:.0f} s; elastic run: world sizes {ws}; 1 worker training after "
+          f"{t_one:.0f} s, 3 workers after {t_grown:.0f} s, node killed at step ~{step_at_kill}, "
+          f"done after {t_done:.0f} s")
     assert ws[0] == 1, ws
     assert 3 in ws, ws
     k = ws.index(3)
@@ -186,8 +202,9 @@ def test_elastic_run_grows_loses_a_node_and_matches_a_fixed_size_run(tmp_path, m
     # every step once, on the same global samples, with the same loss curve
     recs = read_records(metrics_path)
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
-    assert recs[-1]["world_size"] in (2, 3)
-    assert any(r["world_size"] == 2 for r in recs)
+    assert recs[0]["world_size"] == 1  # the steps made by 1 worker are part of the run
+    assert any(r["world_size"] == 3 for r in recs)
+    assert recs[-1]["world_size"] == ws[-1] and any(r["world_size"] == 2 for r in recs)
     dev = 0.0
     for r in recs:
         b = base[r["step"]]

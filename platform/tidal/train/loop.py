@@ -261,6 +261,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     val_total, val_forwards = _eval_plan(engine, loader)
     end = t.stop_at_step or t.max_steps
     rollbacks = 0
+    answered = None  # the preemption notice already answered with a checkpoint
     while engine.step < end:
         nxt = engine.step + 1
         metrics = train_step(engine, list(loader.micro_batches(engine.cursor, rank, world,
@@ -296,7 +297,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         if not due and cfg.scaling.preemption_check_every and \
                 engine.step % cfg.scaling.preemption_check_every == 0:
             info = ray.train.get_preemption_info()  # a barrier: every rank asks together
-            if info is not None and saver.last_saved != engine.step:
+            notice = None if info is None else (tuple(info.preempted_node_ids), info.deadline_ms)
+            if notice is not None and notice != answered:  # one checkpoint per notice
+                answered = notice
                 due = True
                 if hub is not None and rank == 0:
                     hub.push.remote({"event": "preemption", "step": engine.step,
