@@ -3,9 +3,9 @@
 Ray's ``FakeMultiNodeProvider`` (the node provider behind Ray's own autoscaler tests) turns
 "launch a node" into "start another raylet on this machine", so the real autoscaler (v1)
 adds worker nodes when Ray Train asks for more workers; a node is lost by SIGKILLing its
-raylet, as a machine that vanishes would. Nodes are separate raylets with their own
-resources, so Ray Train places, health-checks and loses workers exactly as on a real
-multi-node cluster; only the machines are imaginary.
+raylet and every process under it at once, as a machine that vanishes would. Nodes are
+separate raylets with their own resources, so Ray Train places, health-checks and loses
+workers exactly as on a real multi-node cluster; only the machines are imaginary.
 
 Why not ``ray.cluster_utils.AutoscalingCluster``: in Ray 2.60 its constructor reads
 ``fake_multi_node/example.yaml`` (missing from the wheel), and its start/shutdown run
@@ -16,7 +16,8 @@ outlives a killed test) only ever signals processes carrying this cluster's mark
 their descendants.
 
 Test-only settings, each marked ``TEST-ONLY`` below, exist to make a minutes-long
-autoscaling scenario take seconds; none of them is needed on a real cluster.
+autoscaling scenario take seconds; none of them is needed on a real cluster. Set
+TIDAL_KEEP_FAKE_CLUSTER=1 to keep a cluster's temp dir (its logs) after shutdown.
 """
 from __future__ import annotations
 
@@ -56,32 +57,40 @@ def _read(pid: int, name: str) -> bytes:
         return b""
 
 
-def marked_pids(mark: str) -> Set[int]:
-    """Live processes whose environment carries ``MARK=mark``, and their descendants (a Ray
-    worker may rewrite its own environment block with setproctitle; its parent keeps it)."""
+def _process_table() -> Dict[int, int]:
+    """pid -> parent pid of every live (non-zombie) process."""
     parent: Dict[int, int] = {}
-    marked: Set[int] = set()
-    needle = f"{MARK}={mark}".encode()
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
-        pid = int(d)
-        stat = _read(pid, "stat")
+        stat = _read(int(d), "stat")
         if not stat:
             continue
         fields = stat.rsplit(b")", 1)[1].split()
-        if fields[0] == b"Z":  # a zombie is already dead
-            continue
-        parent[pid] = int(fields[1])
-        if needle in _read(pid, "environ").split(b"\0"):
-            marked.add(pid)
+        if fields[0] != b"Z":  # a zombie is already dead
+            parent[int(d)] = int(fields[1])
+    return parent
+
+
+def _with_descendants(roots: Set[int], parent: Dict[int, int]) -> Set[int]:
+    out = set(roots)
     grown = True
     while grown:
         grown = False
         for pid, ppid in parent.items():
-            if ppid in marked and pid not in marked:
-                marked.add(pid)
+            if ppid in out and pid not in out:
+                out.add(pid)
                 grown = True
+    return out
+
+
+def marked_pids(mark: str) -> Set[int]:
+    """Live processes whose environment carries ``MARK=mark``, and their descendants (a Ray
+    worker may rewrite its own environment block with setproctitle; its parent keeps it)."""
+    parent = _process_table()
+    needle = f"{MARK}={mark}".encode()
+    marked = {pid for pid in parent if needle in _read(pid, "environ").split(b"\0")}
+    marked = _with_descendants(marked, parent)
     marked.discard(os.getpid())
     return marked
 
@@ -187,8 +196,11 @@ class FakeAutoscalingCluster:
             # the state API) must talk to this cluster, never auto-discover another local Ray
             RAY_ADDRESS=self.address,
         )
-        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       check=True, timeout=120)
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"fake cluster: `ray start --head` failed ({done.returncode}): "
+                               f"{done.stderr.decode(errors='replace')[-3000:]}")
         import ray._private.services
 
         ray._private.services.find_gcs_addresses.cache_clear()
@@ -243,7 +255,8 @@ class FakeAutoscalingCluster:
         (e.g. SIGKILLed). It does not carry the marker, so shutdown() stops it by its pid."""
         env = {k: v for k, v in os.environ.items() if k != MARK}
         self._reaper = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--reap", self.mark, str(os.getpid())],
+            [sys.executable, os.path.abspath(__file__), "--reap", self.mark, str(os.getpid()),
+             self.temp_dir],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -276,13 +289,20 @@ class FakeAutoscalingCluster:
                 return pid
         return None
 
-    def kill_node(self, node_id: str) -> int:
-        """Lose a node the hard way: SIGKILL its raylet (its Ray workers die with it)."""
+    def kill_node(self, node_id: str) -> Set[int]:
+        """Lose a node the way a vanished machine is lost: SIGKILL its raylet and, at the same
+        moment, every process under it (its Ray workers and agents; a worker would otherwise
+        run on for a few seconds before noticing its raylet is gone). Returns the pids."""
         pid = self.raylet_pid(node_id)
         if pid is None:
             raise LookupError(f"no raylet of this cluster for node {node_id}")
-        os.kill(pid, signal.SIGKILL)
-        return pid
+        pids = _with_descendants({pid}, _process_table()) & (marked_pids(self.mark) | {pid})
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
 
 
 def install_fast_autoscaling_coordinator(tick_s: float) -> None:
@@ -310,12 +330,13 @@ def install_fast_autoscaling_coordinator(tick_s: float) -> None:
     ray.get(actor.get_reserved_resources.remote("probe"), timeout=60)
 
 
-def _reap(mark: str, parent: int) -> None:
+def _reap(mark: str, parent: int, temp_dir: str) -> None:
     while _read(parent, "stat") and _read(parent, "stat").rsplit(b")", 1)[1].split()[0] != b"Z":
         time.sleep(1.0)
-    kill_marked(mark)
+    if not kill_marked(mark):
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--reap":
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--reap":
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-    _reap(sys.argv[2], int(sys.argv[3]))
+    _reap(sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -11,14 +11,17 @@ from tidal.config.schema import (
     RunConfig,
     ScalingConfig,
     ScheduleConfig,
+    SFTConfig,
+    SFTDataConfig,
     TokenizerConfig,
     TrainConfig,
 )
-from tidal.config.validate import validate_export, validate_prepare, validate_pretrain
+from tidal.config.validate import validate_export, validate_prepare, validate_pretrain, validate_sft
 
 __all__ = [
     "ConfigError", "allowed_keys", "fingerprint", "from_dict", "to_dict",
     "DataConfig", "ExportConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "PrepareConfig",
     "PretrainConfig", "RunConfig", "ScalingConfig", "ScheduleConfig", "TokenizerConfig",
-    "TrainConfig", "validate_export", "validate_prepare", "validate_pretrain",
+    "SFTConfig", "SFTDataConfig", "TrainConfig", "validate_export", "validate_prepare",
+    "validate_pretrain", "validate_sft",
 ]

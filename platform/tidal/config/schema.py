@@ -260,6 +260,40 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class SFTDataConfig:
+    """Instruction data: Alpaca records, prompt/completion pairs or chat ``messages``."""
+
+    name: str = "pydocs_instruct"
+    # "embedded:pydocs_instruct" (pairs derived from the Python docs shipped with Python), or
+    # JSON-list / JSONL (.gz) files, directories, globs, s3:// or gs:// URIs.
+    sources: List[str] = field(default_factory=lambda: ["embedded:pydocs_instruct"])
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    packing: bool = True  # several conversations per row, attention kept within each
+    chat_template: Optional[str] = None  # Jinja; default: the tokenizer's own, else ChatML
+    seed: int = 0
+    output_dir: Optional[str] = None  # default <storage>/data/<name>-<hash>
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on the pretraining engine: same model, optimizer, schedule,
+    scaling, checkpoints and fault tolerance; another objective and data source."""
+
+    # model.pretrained: an HF directory (e.g. a pretraining run's hf/ export); empty means
+    # the main pretraining job's export (outputs/pretrain/hf), pretraining it first if absent
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=6))
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=60, global_batch_tokens=8192, micro_batch_size=8, eval_every=20, checkpoint_every=30))
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="sft"))
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="prepare"))

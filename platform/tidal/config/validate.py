@@ -110,6 +110,23 @@ def _check_curation(d: DataConfig, p: List[str]) -> None:
         p.append(f"data.curation.filters.script: '{f.script}' is not one of latin")
 
 
+def check_sft_data(d, p: List[str]) -> None:
+    if not d.sources:
+        p.append("data.sources: empty; allowed: embedded:pydocs_instruct, files, directories, globs, s3:// or gs:// URIs")
+    for i, src in enumerate(d.sources):
+        if not src.startswith(("embedded:", *_CLOUD)) and not source_exists(src):
+            p.append(f"data.sources[{i}]: nothing matches '{src}'")
+        if src.startswith("embedded:") and src != "embedded:pydocs_instruct":
+            p.append(f"data.sources[{i}]: '{src}' is not an embedded set; allowed: embedded:pydocs_instruct")
+    _check(p, d.seq_len >= 16, "data.seq_len", ">= 16", d.seq_len)
+    _check(p, 0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
+
+
+def validate_sft(cfg):
+    """The same checks as pretraining, with instruction data instead of a corpus."""
+    return validate_pretrain(cfg)
+
+
 def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     """Raise ConfigError listing every out-of-range or inconsistent value; else return cfg."""
     from tidal.optim import OPTIMIZERS, SCHEDULES
@@ -127,7 +144,10 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         p.append(f"model.num_heads: {m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
     _check(p, m.max_position_embeddings >= cfg.data.seq_len, "model.max_position_embeddings",
            f">= data.seq_len ({cfg.data.seq_len})", m.max_position_embeddings)
-    check_data(cfg.data, p)
+    if isinstance(cfg.data, DataConfig):
+        check_data(cfg.data, p)
+    else:
+        check_sft_data(cfg.data, p)
 
     if o.name not in OPTIMIZERS:
         p.append(f"optim.name: '{o.name}' is not one of {', '.join(sorted(OPTIMIZERS))}")

@@ -53,6 +53,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
         model = AutoModelForCausalLM.from_pretrained(
             os.path.expanduser(cfg.pretrained), local_files_only=True, dtype=torch.float32,
             attn_implementation="sdpa")
+        if vocab_size and model.get_input_embeddings().num_embeddings < vocab_size:
+            # tokens added since (e.g. chat role markers): new rows drawn from the old rows'
+            # mean and covariance, the same on every rank (seeded above)
+            model.resize_token_embeddings(vocab_size)
     else:
         conf = hf_config(cfg, vocab_size, eos_id, pad_id)
         model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32,

@@ -19,19 +19,12 @@ import torch.distributed as dist
 
 from tidal.config.schema import PretrainConfig
 from tidal.models import build_model, count_params, shape_of
-from tidal.objectives import causal_lm_loss, split_sample
+from tidal.objectives import LMObjective
 from tidal.optim import build_optimizer, lr_at
 from tidal.parallel import apply as apply_fsdp
 from tidal.parallel import make_mesh, resolve_precision
 from tidal.train import metrics as M
 
-Objective = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
-
-
-def lm_objective(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Pretraining: mean next-token loss over a batch of packed samples."""
-    inputs, labels = split_sample(tokens)
-    return causal_lm_loss(model(input_ids=inputs).logits, labels)
 
 
 @dataclass
@@ -46,7 +39,7 @@ class Engine:
     num_params: int
     flops_per_token: float
     peak_flops: Optional[float]
-    objective: Objective = lm_objective
+    objective: object = field(default_factory=LMObjective)  # see tidal.objectives
     step: int = 0
     cursor: int = 0  # global samples consumed
     tokens_seen: int = 0
@@ -172,16 +165,12 @@ def evaluate(engine: Engine, batches: Iterable[np.ndarray], num_batches: int,
         weight = 1.0 if mb is not None else 0.0
         mb = mb if mb is not None else last
         if mb is None:  # this rank has no validation samples at all
-            mb = np.zeros((1, engine.cfg.data.seq_len + 1), dtype=np.int64)
+            mb = np.zeros((1, *engine.extra.get("sample_shape", [engine.cfg.data.seq_len + 1])),
+                          dtype=np.int64)
         last = mb
-        tokens = torch.from_numpy(mb).to(engine.device)
-        inputs, labels = split_sample(tokens)
-        logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum")
+        loss, count = engine.objective.eval_sums(model, torch.from_numpy(mb).to(engine.device))
         totals += torch.stack([loss.double() * weight,
-                               torch.tensor(labels.numel() * weight, dtype=torch.float64,
-                                            device=engine.device)])
+                               torch.tensor(count * weight, dtype=torch.float64, device=engine.device)])
     if engine.world > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     val_loss = (totals[0] / totals[1].clamp(min=1)).item()

@@ -141,7 +141,8 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
 
     run = replace(cfg.run, output_dir=fix(cfg.run.output_dir), storage_path=fix(cfg.run.storage_path),
                   resume_from=fix(cfg.run.resume_from))
-    return replace(cfg, run=run, data=replace(cfg.data, output_dir=fix(cfg.data.output_dir)))
+    return replace(cfg, run=run, data=replace(cfg.data, output_dir=fix(cfg.data.output_dir)),
+                   model=replace(cfg.model, pretrained=fix(cfg.model.pretrained)))
 
 
 def _use_gpu(cfg: PretrainConfig) -> bool:
@@ -228,8 +229,38 @@ def scaling_config(cfg: PretrainConfig, use_gpu: bool, **extra):
     return ray.train.ScalingConfig(**kw)
 
 
+def ensure_sft_data(cfg, root: str, log=print) -> tuple[str, Dict]:
+    """SFT shards for ``cfg.data`` tokenized with ``cfg.model.pretrained``'s tokenizer."""
+    from tidal.data import sft as sft_data
+    from tidal.data.tokenizer import tokenizer_hash
+
+    tok_src = cfg.model.pretrained
+    key = f"{sft_data.data_key(cfg.data)}-{tokenizer_hash(tok_src)[:8]}"
+    data_dir = cfg.data.output_dir or tio.join(root, "data", f"{cfg.data.name}-{key}")
+    manifest = load_manifest(data_dir)
+    if manifest is None:
+        log(f"no prepared SFT data at {data_dir}: preparing '{cfg.data.name}'")
+        manifest = sft_data.prepare_sft(cfg.data, tok_src, data_dir, log)
+    elif manifest.get("data_key") != sft_data.data_key(cfg.data):
+        raise ValueError(f"data.output_dir: {data_dir} holds SFT data prepared with another config")
+    return data_dir, manifest
+
+
 def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
-    """Train ``cfg`` on Ray Train and return the run summary."""
+    """Pretrain ``cfg`` on Ray Train and return the run summary."""
+    return run_training(cfg, log, objective="lm")
+
+
+def run_sft(cfg, log=print) -> Dict:
+    """Supervised fine-tuning: the same engine and loop with the SFT objective and data."""
+    if not cfg.model.pretrained:
+        raise ValueError("model.pretrained: SFT starts from an HF model directory (e.g. a "
+                         "pretraining run's hf/ export)")
+    return run_training(cfg, log, objective="sft")
+
+
+def run_training(cfg, log=print, objective: str = "lm") -> Dict:
+    """Train ``cfg`` on Ray Train with ``objective`` and return the run summary."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -247,7 +278,10 @@ def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
     init_ray()
     # Prepared data sits beside the checkpoints, so that every node reaches it when the
     # storage is shared (s3://, gs://, NFS).
-    data_dir, manifest = ensure_data(cfg.data, storage, log)
+    if objective == "sft":
+        data_dir, manifest = ensure_sft_data(cfg, storage, log)
+    else:
+        data_dir, manifest = ensure_data(cfg.data, storage, log)
     run_dir = os.path.join(root, cfg.run.name)
     os.makedirs(run_dir, exist_ok=True)
     export_dir = tio.join(storage, cfg.run.name, "hf") if cfg.train.export_hf else None
@@ -260,7 +294,7 @@ def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "data_dir": data_dir, "hub": hub, "use_gpu": use_gpu,
                            "export_dir": export_dir, "manifest_hash": manifest_hash(manifest),
-                           "run_storage": run_storage},
+                           "run_storage": run_storage, "objective": objective},
         scaling_config=scaling_config(cfg, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(

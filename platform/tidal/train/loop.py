@@ -28,6 +28,7 @@ from tidal.config import fingerprint, to_dict
 from tidal.data import io as tio
 from tidal.data.loader import GlobalSampleLoader
 from tidal.data.prepare import load_manifest, tokenizer_path
+from tidal.objectives import OBJECTIVES
 from tidal.train import checkpoint as ckpt
 from tidal.train import integrity
 from tidal.train.engine import build_engine, evaluate, train_step
@@ -233,6 +234,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     engine = build_engine(cfg, manifest["tokenizer"]["vocab_size"], eos, pad, rank, world,
                           _device(config["use_gpu"]))
     engine.extra["skipped"] = []
+    engine.extra["sample_shape"] = manifest.get("sample_shape", [cfg.data.seq_len + 1])
+    engine.objective = OBJECTIVES[config.get("objective", "lm")]()
     loader = GlobalSampleLoader(data_dir, manifest, t.seed, engine.global_batch)
     val = manifest["counts"]["val"]
     bytes_per_token = val["bytes"] / val["tokens"] if val.get("bytes") else None

@@ -1,0 +1,197 @@
+"""Instruction data for SFT: read, validate, template, mask, pack, shard.
+
+Each sample is an ``int32 [3, seq_len]`` array: token ids, labels (the ids on assistant
+tokens, ``-100`` elsewhere) and position ids. With packing, several conversations share a
+row; their position ids restart at 0, from which the model builds a block-diagonal
+attention mask (no token attends across examples). The shards plug into the same global
+sample-cursor loader as pretraining, so SFT resumes, reshards and resizes the same way.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from tidal.config import fingerprint, to_dict
+from tidal.data import io as tio
+from tidal.data.chat import IGNORE, encode_conversation, ensure_chat_template, render
+from tidal.data.corpus import embedded_docs
+from tidal.data.formats import instruction_example
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def pydocs_instructions() -> List[Dict]:
+    """Instruction pairs derived from the embedded Python documentation (no download):
+    "explain X" -> the documentation's opening paragraphs on X."""
+    out = []
+    for sid, text in embedded_docs("pydocs"):
+        topic = sid.split(":", 1)[1] if ":" in sid else sid
+        paras = [p.strip() for p in text.split("\n\n") if len(p.split()) >= 8]
+        for k, (ask, take) in enumerate((("Explain {t} in Python.", paras[0:1]),
+                                         ("What else does the Python documentation say about {t}?", paras[1:3]))):
+            answer = "\n\n".join(take)
+            if answer:
+                words = answer.split()
+                out.append({"instruction": ask.format(t=f"`{topic}`"),
+                            "input": "", "output": " ".join(words[:160])})
+    return out
+
+
+def _records(uri: str) -> Iterator[Tuple[int, object, Optional[str]]]:
+    """``(unit, record, error)`` for every record of a JSON list or JSONL file."""
+    if uri == "embedded:pydocs_instruct":
+        for i, r in enumerate(pydocs_instructions()):
+            yield i, r, None
+        return
+    try:
+        data = tio.read_bytes(uri)
+        if uri.endswith(".gz"):
+            data = gzip.decompress(data)
+        text = data.decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        yield 0, None, f"unreadable file: {type(e).__name__}"
+        return
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(stripped)
+        except ValueError as e:
+            yield 0, None, f"not valid JSON: {e}"
+            return
+        for i, r in enumerate(rows):
+            yield i, r, None
+        return
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line), None
+        except ValueError:
+            yield i, None, "line is not JSON"
+
+
+def _is_val(text: str, fraction: float, seed: int) -> bool:
+    h = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8, key=str(seed).encode())
+    return int.from_bytes(h.digest(), "little") / 2**64 < fraction
+
+
+def pack(examples: List[Tuple[List[int], List[int]]], seq_len: int, pad_id: int,
+         packing: bool) -> np.ndarray:
+    """Rows of ``[ids, labels, positions]``; first-fit in order when packing."""
+    rows: List[np.ndarray] = []
+    cur: List[Tuple[List[int], List[int]]] = []
+    used = 0
+
+    def flush():
+        nonlocal cur, used
+        if not cur:
+            return
+        row = np.full((3, seq_len), 0, dtype=np.int32)
+        row[0, :] = pad_id
+        row[1, :] = IGNORE
+        at = 0
+        for ids, labels in cur:
+            n = len(ids)
+            row[0, at:at + n] = ids
+            row[1, at:at + n] = labels
+            row[2, at:at + n] = np.arange(n)
+            at += n
+        row[2, at:] = np.arange(seq_len - at)  # the padding is a block of its own
+        rows.append(row)
+        cur, used = [], 0
+
+    for ids, labels in examples:
+        if used + len(ids) > seq_len or (cur and not packing):
+            flush()
+        cur.append((ids, labels))
+        used += len(ids)
+    flush()
+    return np.stack(rows) if rows else np.zeros((0, 3, seq_len), dtype=np.int32)
+
+
+def data_key(cfg) -> str:
+    d = to_dict(cfg)
+    d.pop("output_dir", None)
+    return fingerprint(d, 10)
+
+
+def prepare_sft(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
+    """Write SFT shards, the tokenizer (with its chat template) and ``manifest.json``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tio.local_dir(tokenizer_dir), local_files_only=True)
+    added = ensure_chat_template(tok, cfg.chat_template)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not tio.is_cloud(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+    tio.remove(tio.join(out_dir, MANIFEST))
+    counts: Dict = {"records": 0, "malformed": {}, "too_long": 0, "truncated": 0}
+    inputs, splits = [], {"train": [], "val": []}
+    for src in cfg.sources:
+        uris = [src] if src.startswith("embedded:") else tio.expand(src)
+        if not uris:
+            raise FileNotFoundError(f"sft.data.sources: nothing matches {src!r}")
+        for uri in uris:
+            if uri.startswith("embedded:"):
+                inputs.append({"uri": uri})
+            else:
+                digest, size = tio.sha256_file(uri)
+                inputs.append({"uri": uri, "sha256": digest, "bytes": size})
+            for unit, rec, error in _records(uri):
+                counts["records"] += 1
+                turns, reason = (None, error) if error else instruction_example(rec)
+                if turns is None:
+                    counts["malformed"][reason] = counts["malformed"].get(reason, 0) + 1
+                    continue
+                ids, labels = encode_conversation(tok, turns)
+                if len(ids) > cfg.seq_len:
+                    ids, labels = ids[:cfg.seq_len], labels[:cfg.seq_len]
+                    counts["truncated"] += 1
+                if all(x == IGNORE for x in labels[1:]):
+                    counts["too_long"] += 1  # nothing of the reply is left to learn from
+                    continue
+                split = "val" if _is_val(render(tok, turns), cfg.val_fraction, cfg.seed) else "train"
+                splits[split].append((ids, labels))
+    if not splits["val"] and len(splits["train"]) >= 2:  # tiny sets: keep one for evaluation
+        splits["val"].append(splits["train"].pop())
+    if not splits["train"]:
+        raise ValueError(f"sft data '{cfg.name}': no usable examples in {counts['records']} records "
+                         f"(malformed: {json.dumps(counts['malformed'])}, too long: {counts['too_long']})")
+    rng = np.random.default_rng(cfg.seed)
+    manifest: Dict = {"format_version": FORMAT_VERSION, "kind": "sft", "name": cfg.name,
+                      "data_key": data_key(cfg), "inputs": inputs, "seq_len": cfg.seq_len,
+                      "sample_shape": [3, cfg.seq_len], "packing": cfg.packing, "shards": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        tio.upload_dir(tmp, tio.join(out_dir, "tokenizer")) if tio.is_cloud(out_dir) else \
+            tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    from tidal.data.tokenizer import tokenizer_hash
+
+    manifest["tokenizer"] = {"path": "tokenizer", "sha256": tokenizer_hash(tio.local_dir(tio.join(out_dir, "tokenizer"))),
+                             "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                             "pad_token_id": tok.pad_token_id, "added_chat_tokens": added,
+                             "chat_template": tok.chat_template}
+    for split, examples in splits.items():
+        order = rng.permutation(len(examples)) if split == "train" else np.arange(len(examples))
+        rows = pack([examples[i] for i in order], cfg.seq_len, tok.pad_token_id, cfg.packing)
+        name = f"{split}_000.npy"
+        digest = tio.save_npy(tio.join(out_dir, name), rows)
+        manifest["shards"][split] = [{"file": name, "samples": len(rows), "sha256": digest}]
+        counts[split] = {"examples": len(examples), "samples": int(len(rows)),
+                         "tokens": int(sum(len(e[0]) for e in examples)),
+                         "response_tokens": int(sum(sum(x != IGNORE for x in e[1]) for e in examples))}
+    manifest["counts"] = counts
+    manifest["config"] = to_dict(cfg)
+    tio.write_bytes(tio.join(out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
+    log(f"sft data '{cfg.name}': {counts['train']['examples']} train / {counts['val']['examples']} val "
+        f"examples -> {counts['train']['samples']} / {counts['val']['samples']} rows of {cfg.seq_len} "
+        f"tokens; set aside: {sum(counts['malformed'].values())} malformed, {counts['too_long']} too long")
+    return manifest
