@@ -2,12 +2,16 @@
 from tidal.config.convert import ConfigError, allowed_keys, fingerprint, from_dict, to_dict
 from tidal.config.schema import (
     DataConfig,
+    DPOConfig,
+    DPOParams,
     ExportConfig,
     LoggerConfig,
     ModelConfig,
     OptimConfig,
+    PairDataConfig,
     PrepareConfig,
     PretrainConfig,
+    RewardConfig,
     RunConfig,
     ScalingConfig,
     ScheduleConfig,
@@ -16,12 +20,13 @@ from tidal.config.schema import (
     TokenizerConfig,
     TrainConfig,
 )
-from tidal.config.validate import validate_export, validate_prepare, validate_pretrain, validate_sft
+from tidal.config.validate import validate_export, validate_prepare, validate_pairs, validate_pretrain, validate_sft
 
 __all__ = [
     "ConfigError", "allowed_keys", "fingerprint", "from_dict", "to_dict",
     "DataConfig", "ExportConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "PrepareConfig",
     "PretrainConfig", "RunConfig", "ScalingConfig", "ScheduleConfig", "TokenizerConfig",
     "SFTConfig", "SFTDataConfig", "TrainConfig", "validate_export", "validate_prepare",
-    "validate_pretrain", "validate_sft",
+    "validate_pretrain", "validate_sft", "validate_pairs", "DPOConfig", "DPOParams",
+    "PairDataConfig", "RewardConfig",
 ]

@@ -267,6 +267,7 @@ class SFTDataConfig:
     # "embedded:pydocs_instruct" (pairs derived from the Python docs shipped with Python), or
     # JSON-list / JSONL (.gz) files, directories, globs, s3:// or gs:// URIs.
     sources: List[str] = field(default_factory=lambda: ["embedded:pydocs_instruct"])
+    limit: Optional[int] = None  # use only the first N records (quick runs, ablations)
     seq_len: int = 256
     val_fraction: float = 0.05
     packing: bool = True  # several conversations per row, attention kept within each
@@ -291,6 +292,61 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         max_steps=60, global_batch_tokens=8192, micro_batch_size=8, eval_every=20, checkpoint_every=30))
     run: RunConfig = field(default_factory=lambda: RunConfig(name="sft"))
+
+
+@dataclass(frozen=True)
+class PairDataConfig:
+    """Preference pairs: ``{prompt, chosen, rejected}`` records or HH-RLHF transcripts."""
+
+    name: str = "pydocs_prefs"
+    # "embedded:pydocs_prefs" (the Python docs' answer to a question preferred over another
+    # topic's), or JSON-list / JSONL (.gz) files, directories, globs, s3:// or gs:// URIs.
+    sources: List[str] = field(default_factory=lambda: ["embedded:pydocs_prefs"])
+    limit: Optional[int] = None  # use only the first N records (quick runs, ablations)
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    chat_template: Optional[str] = None
+    seed: int = 0
+    output_dir: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DPOParams:
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | cdpo (conservative: label_smoothing flipped labels)
+    label_smoothing: float = 0.1  # cdpo: the assumed share of flipped labels
+    reference: str = "batch"  # batch: reference log-probs per batch without gradients
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward model: a scalar head on the causal LM, Bradley-Terry loss on pairs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=6))
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=60, global_batch_tokens=8192, micro_batch_size=4, eval_every=20, checkpoint_every=30))
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="reward"))
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimization against a frozen reference (the starting model)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    dpo: DPOParams = field(default_factory=DPOParams)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=6))
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=60, global_batch_tokens=8192, micro_batch_size=4, eval_every=20, checkpoint_every=30))
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="dpo"))
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,42 @@ def check_sft_data(d, p: List[str]) -> None:
             p.append(f"data.sources[{i}]: '{src}' is not an embedded set; allowed: embedded:pydocs_instruct")
     _check(p, d.seq_len >= 16, "data.seq_len", ">= 16", d.seq_len)
     _check(p, 0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
+    if d.limit is not None:
+        _check(p, d.limit >= 2, "data.limit", ">= 2 or null", d.limit)
+
+
+def check_pair_data(d, p: List[str]) -> None:
+    if not d.sources:
+        p.append("data.sources: empty; allowed: embedded:pydocs_prefs, files, directories, globs, s3:// or gs:// URIs")
+    for i, src in enumerate(d.sources):
+        if not src.startswith(("embedded:", *_CLOUD)) and not source_exists(src):
+            p.append(f"data.sources[{i}]: nothing matches '{src}'")
+        if src.startswith("embedded:") and src != "embedded:pydocs_prefs":
+            p.append(f"data.sources[{i}]: '{src}' is not an embedded set; allowed: embedded:pydocs_prefs")
+    _check(p, d.seq_len >= 16, "data.seq_len", ">= 16", d.seq_len)
+    _check(p, 0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
+    if d.limit is not None:
+        _check(p, d.limit >= 2, "data.limit", ">= 2 or null", d.limit)
+
+
+def validate_pairs(cfg):
+    """Reward-model and DPO configs: pretraining's checks, pair data, DPO's parameters."""
+    p: List[str] = []
+    dpo = getattr(cfg, "dpo", None)
+    if dpo is not None:
+        _check(p, dpo.beta > 0, "dpo.beta", "> 0", dpo.beta)
+        if dpo.loss not in ("sigmoid", "ipo", "cdpo"):
+            p.append(f"dpo.loss: '{dpo.loss}' is not one of sigmoid, ipo, cdpo")
+        _check(p, 0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)", dpo.label_smoothing)
+        if dpo.reference != "batch":
+            p.append(f"dpo.reference: '{dpo.reference}' is not one of batch")
+    try:
+        validate_pretrain(cfg)
+    except ConfigError as e:
+        p = e.problems + p
+    if p:
+        raise ConfigError(p)
+    return cfg
 
 
 def validate_sft(cfg):
@@ -146,6 +182,8 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
            f">= data.seq_len ({cfg.data.seq_len})", m.max_position_embeddings)
     if isinstance(cfg.data, DataConfig):
         check_data(cfg.data, p)
+    elif type(cfg.data).__name__ == "PairDataConfig":
+        check_pair_data(cfg.data, p)
     else:
         check_sft_data(cfg.data, p)
 

@@ -146,6 +146,8 @@ def prepare_sft(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
                 digest, size = tio.sha256_file(uri)
                 inputs.append({"uri": uri, "sha256": digest, "bytes": size})
             for unit, rec, error in _records(uri):
+                if cfg.limit is not None and counts["records"] >= cfg.limit:
+                    break
                 counts["records"] += 1
                 turns, reason = (None, error) if error else instruction_example(rec)
                 if turns is None:

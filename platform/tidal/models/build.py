@@ -43,12 +43,25 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None,
-                seed: int) -> torch.nn.Module:
+                seed: int, head: str = "lm") -> torch.nn.Module:
     """A randomly initialized model (same weights on every rank for a given seed), or the
-    weights of ``cfg.pretrained``."""
-    from transformers import AutoModelForCausalLM
+    weights of ``cfg.pretrained``. ``head="reward"``: the same network with a scalar head
+    (``AutoModelForSequenceClassification``, one label) instead of the LM head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
+    if head == "reward":
+        if not cfg.pretrained:
+            raise ValueError("model.pretrained: a reward model starts from a pretrained HF directory")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            os.path.expanduser(cfg.pretrained), num_labels=1, local_files_only=True,
+            dtype=torch.float32, attn_implementation="sdpa")
+        if vocab_size and model.get_input_embeddings().num_embeddings < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+        model.config.pad_token_id = pad_id if pad_id is not None else eos_id
+        model.config.use_cache = False
+        model.config.architectures = [type(model).__name__]  # exports as a classifier
+        return model
     if cfg.pretrained:
         model = AutoModelForCausalLM.from_pretrained(
             os.path.expanduser(cfg.pretrained), local_files_only=True, dtype=torch.float32,

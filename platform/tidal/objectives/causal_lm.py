@@ -64,6 +64,3 @@ class SFTObjective:
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
         return loss, int((labels != IGNORE).sum())
-
-
-OBJECTIVES = {"lm": LMObjective, "sft": SFTObjective}

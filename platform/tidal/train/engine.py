@@ -60,9 +60,9 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 def build_engine(cfg: PretrainConfig, vocab_size: int, eos_id: int, pad_id: Optional[int],
-                 rank: int, world: int, device: torch.device) -> Engine:
+                 rank: int, world: int, device: torch.device, head: str = "lm") -> Engine:
     set_determinism(cfg.train.seed, cfg.train.deterministic)
-    model = build_model(cfg.model, vocab_size, eos_id, pad_id, cfg.train.seed)
+    model = build_model(cfg.model, vocab_size, eos_id, pad_id, cfg.train.seed, head=head)
     num_params = count_params(model)
     flop_params = M.matmul_params(model)
     shape = shape_of(model)
@@ -126,6 +126,10 @@ def train_step(engine: Engine, micro_batches: List[np.ndarray],
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     loss_value = _global_mean(loss_sum, engine.world)
+    stats = getattr(engine.objective, "take_stats", None)
+    train_stats = stats() if stats is not None else {}
+    for k, v in train_stats.items():  # e.g. pair accuracy: the mean over ranks
+        train_stats[k] = _global_mean(torch.tensor(v, device=engine.device), engine.world)
     verdict = guard(loss_value, float(grad_norm)) if guard is not None else None
     if verdict is not None:
         opt.zero_grad(set_to_none=True)
@@ -143,7 +147,7 @@ def train_step(engine: Engine, micro_batches: List[np.ndarray],
     out = {"step": engine.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
            "step_time_s": dt, "tokens_per_s": tokens / dt, "tokens_per_s_per_worker": tps_device,
            "tokens_seen": engine.tokens_seen, "peak_mem_gib": M.peak_memory_gib(engine.device),
-           "world_size": engine.world, "grad_accum": n, "time": time.time()}
+           "world_size": engine.world, "grad_accum": n, "time": time.time(), **train_stats}
     util = M.mfu(tps_device, engine.flops_per_token, engine.peak_flops)
     if util is not None:
         out["mfu"] = util
@@ -157,7 +161,8 @@ def evaluate(engine: Engine, batches: Iterable[np.ndarray], num_batches: int,
     (FSDP all-gathers are collective), padding with zero-weight batches where it ran out."""
     model = engine.model
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss sum, tokens
+    keys = tuple(getattr(engine.objective, "eval_keys", ()))
+    totals = torch.zeros(2 + len(keys), dtype=torch.float64, device=engine.device)  # loss, count, extras
     it = iter(batches)
     last = None
     for _ in range(num_batches):
@@ -168,13 +173,17 @@ def evaluate(engine: Engine, batches: Iterable[np.ndarray], num_batches: int,
             mb = np.zeros((1, *engine.extra.get("sample_shape", [engine.cfg.data.seq_len + 1])),
                           dtype=np.int64)
         last = mb
-        loss, count = engine.objective.eval_sums(model, torch.from_numpy(mb).to(engine.device))
-        totals += torch.stack([loss.double() * weight,
-                               torch.tensor(count * weight, dtype=torch.float64, device=engine.device)])
+        loss, count, *extra = engine.objective.eval_sums(model, torch.from_numpy(mb).to(engine.device))
+        sums = extra[0] if extra else {}
+        totals += torch.tensor([float(loss) * weight, count * weight]
+                               + [sums[k] * weight for k in keys], dtype=torch.float64,
+                               device=engine.device)
     if engine.world > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     val_loss = (totals[0] / totals[1].clamp(min=1)).item()
     out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+    for i, k in enumerate(keys):
+        out[f"val_{k}"] = (totals[2 + i] / totals[1].clamp(min=1)).item()
     if bytes_per_token:
         out["val_bpb"] = val_loss / math.log(2) / bytes_per_token
     return out

@@ -16,12 +16,21 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tidal.data import io as tio
 
 
-def _plain_model(config, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+def _auto_class(config):
+    """The HF auto class that rebuilds ``config``: a reward model exports as a sequence
+    classifier (loadable with ``AutoModelForSequenceClassification``), others as causal LMs."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
+
+
+def _plain_model(config, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
     config.use_cache = True
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = _auto_class(config).from_config(config, dtype=torch.float32)
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     return model
@@ -62,14 +71,14 @@ def export_hf(model: torch.nn.Module, rank: int, tokenizer_dir: str, dest: str) 
 def export_checkpoint(checkpoint_dir: str, dest: str) -> str:
     """Convert a (sharded, any world size) tidal checkpoint to an HF directory, in this process."""
     import torch.distributed.checkpoint as dcp
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from tidal.train.checkpoint import HF_META
 
     checkpoint_dir = tio.local_dir(checkpoint_dir)  # a checkpoint on s3:// / gs:// is fetched
     meta = os.path.join(checkpoint_dir, HF_META)
     config = AutoConfig.from_pretrained(meta, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = _auto_class(config).from_config(config, dtype=torch.float32)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=checkpoint_dir)  # reads only the model's entries
     model.load_state_dict(state["model"])

@@ -229,20 +229,23 @@ def scaling_config(cfg: PretrainConfig, use_gpu: bool, **extra):
     return ray.train.ScalingConfig(**kw)
 
 
-def ensure_sft_data(cfg, root: str, log=print) -> tuple[str, Dict]:
-    """SFT shards for ``cfg.data`` tokenized with ``cfg.model.pretrained``'s tokenizer."""
+def ensure_post_data(cfg, root: str, kind: str, log=print) -> tuple[str, Dict]:
+    """SFT (``kind="sft"``) or preference-pair (``"pairs"``) shards for ``cfg.data``,
+    tokenized with ``cfg.model.pretrained``'s tokenizer and chat template."""
+    from tidal.data import pairs as pair_data
     from tidal.data import sft as sft_data
     from tidal.data.tokenizer import tokenizer_hash
 
+    mod, prep = (sft_data, sft_data.prepare_sft) if kind == "sft" else (pair_data, pair_data.prepare_pairs)
     tok_src = cfg.model.pretrained
-    key = f"{sft_data.data_key(cfg.data)}-{tokenizer_hash(tok_src)[:8]}"
+    key = f"{mod.data_key(cfg.data)}-{tokenizer_hash(tok_src)[:8]}"
     data_dir = cfg.data.output_dir or tio.join(root, "data", f"{cfg.data.name}-{key}")
     manifest = load_manifest(data_dir)
     if manifest is None:
-        log(f"no prepared SFT data at {data_dir}: preparing '{cfg.data.name}'")
-        manifest = sft_data.prepare_sft(cfg.data, tok_src, data_dir, log)
-    elif manifest.get("data_key") != sft_data.data_key(cfg.data):
-        raise ValueError(f"data.output_dir: {data_dir} holds SFT data prepared with another config")
+        log(f"no prepared {kind} data at {data_dir}: preparing '{cfg.data.name}'")
+        manifest = prep(cfg.data, tok_src, data_dir, log)
+    elif manifest.get("data_key") != mod.data_key(cfg.data) or manifest.get("kind") != kind:
+        raise ValueError(f"data.output_dir: {data_dir} holds data prepared with another config")
     return data_dir, manifest
 
 
@@ -253,10 +256,24 @@ def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
 
 def run_sft(cfg, log=print) -> Dict:
     """Supervised fine-tuning: the same engine and loop with the SFT objective and data."""
+    return _post(cfg, log, "sft")
+
+
+def run_reward(cfg, log=print) -> Dict:
+    """Reward model: a scalar head on the pretrained network, Bradley-Terry on pairs."""
+    return _post(cfg, log, "reward")
+
+
+def run_dpo(cfg, log=print) -> Dict:
+    """DPO against the frozen starting model."""
+    return _post(cfg, log, "dpo")
+
+
+def _post(cfg, log, objective: str) -> Dict:
     if not cfg.model.pretrained:
-        raise ValueError("model.pretrained: SFT starts from an HF model directory (e.g. a "
-                         "pretraining run's hf/ export)")
-    return run_training(cfg, log, objective="sft")
+        raise ValueError(f"model.pretrained: {objective} starts from an HF model directory (e.g. "
+                         "a pretraining or SFT run's hf/ export)")
+    return run_training(cfg, log, objective=objective)
 
 
 def run_training(cfg, log=print, objective: str = "lm") -> Dict:
@@ -278,8 +295,8 @@ def run_training(cfg, log=print, objective: str = "lm") -> Dict:
     init_ray()
     # Prepared data sits beside the checkpoints, so that every node reaches it when the
     # storage is shared (s3://, gs://, NFS).
-    if objective == "sft":
-        data_dir, manifest = ensure_sft_data(cfg, storage, log)
+    if objective != "lm":
+        data_dir, manifest = ensure_post_data(cfg, storage, "sft" if objective == "sft" else "pairs", log)
     else:
         data_dir, manifest = ensure_data(cfg.data, storage, log)
     run_dir = os.path.join(root, cfg.run.name)

@@ -161,6 +161,27 @@ class Checkpointer:
                                   "async": is_async})
 
 
+def _objective(name: str, cfg):
+    if name == "dpo":
+        d = cfg.dpo
+        return OBJECTIVES[name](beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing)
+    return OBJECTIVES[name]()
+
+
+def _reference_model(cfg, engine, manifest):
+    """The frozen starting model (DPO's reference), sharded like the policy, no gradients."""
+    from tidal.models import build_model
+    from tidal.parallel import apply as apply_fsdp
+    from tidal.parallel import make_mesh
+
+    tk = manifest["tokenizer"]
+    ref = build_model(cfg.model, tk["vocab_size"], tk["eos_token_id"], tk["pad_token_id"], cfg.train.seed)
+    ref.to(engine.device)
+    ref.requires_grad_(False)
+    apply_fsdp(ref, make_mesh(engine.device.type, engine.world), engine.extra["precision"])
+    return ref.eval()
+
+
 def _restore(engine, path: str) -> Dict:
     from ray.train import Checkpoint
 
@@ -231,11 +252,14 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         return
 
     eos, pad = manifest["tokenizer"]["eos_token_id"], manifest["tokenizer"]["pad_token_id"]
+    objective = _objective(config.get("objective", "lm"), cfg)
     engine = build_engine(cfg, manifest["tokenizer"]["vocab_size"], eos, pad, rank, world,
-                          _device(config["use_gpu"]))
+                          _device(config["use_gpu"]), head=getattr(objective, "head", "lm"))
     engine.extra["skipped"] = []
     engine.extra["sample_shape"] = manifest.get("sample_shape", [cfg.data.seq_len + 1])
-    engine.objective = OBJECTIVES[config.get("objective", "lm")]()
+    engine.objective = objective
+    if getattr(objective, "needs_reference", False):
+        objective.reference = _reference_model(cfg, engine, manifest)
     loader = GlobalSampleLoader(data_dir, manifest, t.seed, engine.global_batch)
     val = manifest["counts"]["val"]
     bytes_per_token = val["bytes"] / val["tokens"] if val.get("bytes") else None

@@ -1,0 +1,150 @@
+"""Preference pairs for reward modelling and DPO: read, validate, template, shard.
+
+Each sample is an ``int32 [4, seq_len]`` array: the chosen conversation's token ids and
+labels (ids on the reply's tokens, ``-100`` elsewhere), then the rejected one's. Rows are
+right-padded (padding follows every real token, so causal attention never sees it). The
+shards use the same global sample-cursor loader, checkpoints and resume as every stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from tidal.config import fingerprint, to_dict
+from tidal.data import io as tio
+from tidal.data.chat import IGNORE, encode_conversation, ensure_chat_template, render
+from tidal.data.corpus import embedded_docs
+from tidal.data.formats import preference_example
+from tidal.data.sft import _is_val, _records
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def pydocs_preferences(seed: int = 0) -> List[Dict]:
+    """Pairs from the embedded Python docs: for "explain X", the documentation's paragraph
+    on X is preferred over a paragraph about another topic."""
+    items = []
+    for sid, text in embedded_docs("pydocs"):
+        topic = sid.split(":", 1)[1] if ":" in sid else sid
+        paras = [p.strip() for p in text.split("\n\n") if len(p.split()) >= 8]
+        if paras:
+            items.append((topic, " ".join(paras[0].split()[:120])))
+    rng = random.Random(seed)
+    out = []
+    for i, (topic, answer) in enumerate(items):
+        other = items[(i + rng.randrange(1, len(items))) % len(items)][1]
+        out.append({"prompt": f"Explain `{topic}` in Python.", "chosen": answer, "rejected": other})
+    return out
+
+
+def data_key(cfg) -> str:
+    d = to_dict(cfg)
+    d.pop("output_dir", None)
+    return fingerprint(d, 10)
+
+
+def _row(chosen: Tuple[List[int], List[int]], rejected: Tuple[List[int], List[int]], seq_len: int,
+         pad_id: int) -> np.ndarray:
+    row = np.full((4, seq_len), IGNORE, dtype=np.int32)
+    row[0, :] = pad_id
+    row[2, :] = pad_id
+    for k, (ids, labels) in enumerate((chosen, rejected)):
+        row[2 * k, :len(ids)] = ids
+        row[2 * k + 1, :len(labels)] = labels
+    return row
+
+
+def prepare_pairs(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tio.local_dir(tokenizer_dir), local_files_only=True)
+    added = ensure_chat_template(tok, cfg.chat_template)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not tio.is_cloud(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+    tio.remove(tio.join(out_dir, MANIFEST))
+    counts: Dict = {"records": 0, "malformed": {}, "too_long": 0, "truncated": 0}
+    inputs, splits = [], {"train": [], "val": []}
+    for src in cfg.sources:
+        if src == "embedded:pydocs_prefs":
+            uris, gen = [src], {src: list(enumerate(pydocs_preferences(cfg.seed)))}
+        else:
+            uris, gen = tio.expand(src), {}
+            if not uris:
+                raise FileNotFoundError(f"data.sources: nothing matches {src!r}")
+        for uri in uris:
+            if uri in gen:
+                inputs.append({"uri": uri})
+                rows = ((u, r, None) for u, r in gen[uri])
+            else:
+                digest, size = tio.sha256_file(uri)
+                inputs.append({"uri": uri, "sha256": digest, "bytes": size})
+                rows = _records(uri)
+            for _, rec, error in rows:
+                if cfg.limit is not None and counts["records"] >= cfg.limit:
+                    break
+                counts["records"] += 1
+                ex, reason = (None, error) if error else preference_example(rec)
+                if ex is None:
+                    counts["malformed"][reason] = counts["malformed"].get(reason, 0) + 1
+                    continue
+                pair = []
+                for side in ("chosen", "rejected"):
+                    ids, labels = encode_conversation(tok, ex["prompt"] + [{"role": "assistant",
+                                                                           "content": ex[side]}])
+                    if len(ids) > cfg.seq_len:
+                        # keep the end: the replies are what is compared, the oldest turns
+                        # of the prompt are what can go
+                        ids, labels = ids[-cfg.seq_len:], labels[-cfg.seq_len:]
+                        counts["truncated"] += 1
+                    pair.append((ids, labels))
+                if any(all(x == IGNORE for x in lab[1:]) for _, lab in pair) or pair[0][0] == pair[1][0]:
+                    counts["too_long"] += 1  # nothing left to compare
+                    continue
+                text = render(tok, ex["prompt"])
+                split = "val" if _is_val(text, cfg.val_fraction, cfg.seed) else "train"
+                splits[split].append(_row(pair[0], pair[1], cfg.seq_len, tok.pad_token_id))
+    if not splits["val"] and len(splits["train"]) >= 2:
+        splits["val"].append(splits["train"].pop())
+    if not splits["train"]:
+        raise ValueError(f"pair data '{cfg.name}': no usable pairs in {counts['records']} records "
+                         f"(malformed: {json.dumps(counts['malformed'])}, too long: {counts['too_long']})")
+    manifest: Dict = {"format_version": FORMAT_VERSION, "kind": "pairs", "name": cfg.name,
+                      "data_key": data_key(cfg), "inputs": inputs, "seq_len": cfg.seq_len,
+                      "sample_shape": [4, cfg.seq_len], "shards": {}}
+    tok_dir = tio.join(out_dir, "tokenizer")
+    if tio.is_cloud(out_dir):
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            tio.upload_dir(tmp, tok_dir)
+    else:
+        tok.save_pretrained(tok_dir)
+    from tidal.data.tokenizer import tokenizer_hash
+
+    manifest["tokenizer"] = {"path": "tokenizer", "sha256": tokenizer_hash(tio.local_dir(tok_dir)),
+                             "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                             "pad_token_id": tok.pad_token_id, "added_chat_tokens": added,
+                             "chat_template": tok.chat_template}
+    rng = np.random.default_rng(cfg.seed)
+    for split, rows in splits.items():
+        arr = np.stack(rows)
+        if split == "train":
+            arr = arr[rng.permutation(len(arr))]
+        name = f"{split}_000.npy"
+        manifest["shards"][split] = [{"file": name, "samples": len(arr),
+                                      "sha256": tio.save_npy(tio.join(out_dir, name), arr)}]
+        counts[split] = {"samples": int(len(arr)), "pairs": int(len(arr))}
+    manifest["counts"] = counts
+    manifest["config"] = to_dict(cfg)
+    tio.write_bytes(tio.join(out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
+    log(f"pair data '{cfg.name}': {counts['train']['pairs']} train / {counts['val']['pairs']} val pairs "
+        f"of <= {cfg.seq_len} tokens; set aside: {sum(counts['malformed'].values())} malformed, "
+        f"{counts['too_long']} too long")
+    return manifest
