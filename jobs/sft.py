@@ -33,6 +33,12 @@ def main_model(output_dir: str) -> str:
     return os.path.dirname(found[-1])
 
 
+def latest_export(output_dir: str) -> str:
+    """For reward modelling and DPO: the newest SFT export, else the main job's model."""
+    found = sorted(glob.glob(os.path.join(output_dir, "sft-*", "hf", "config.json")), key=os.path.getmtime)
+    return os.path.dirname(found[-1]) if found else main_model(output_dir)
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="sft")
 def main(cfg) -> None:
     config = _hydra.build(cfg, SFTConfig, validate_sft)  # fails before Ray starts

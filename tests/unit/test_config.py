@@ -148,3 +148,19 @@ def test_job_mixture_entries_are_overridable_and_validated():
     assert "data.mixture[0].weight: must be > 0, got -1.0" in p.stderr
     p, _ = _job("--cfg", "job", "data=shared_mix", "data.mixture.1.text_field=instruction")
     assert p.returncode == 0 and "text_field: instruction" in p.stdout
+
+
+@pytest.mark.parametrize("job, override, expected", [
+    ("sft.py", "data.sorces=[x]", "data.sorces: unknown key (did you mean 'sources'?)"),
+    ("sft.py", "data.sources=[/no/such.json]", "data.sources[0]: nothing matches '/no/such.json'"),
+    ("reward.py", "data.limit=1", "data.limit: must be >= 2 or null, got 1"),
+    ("dpo.py", "dpo.loss=hinge", "dpo.loss: 'hinge' is not one of sigmoid, ipo, cdpo"),
+    ("dpo.py", "scaling.workers=3..1", "scaling.workers: '3..1' needs 1 <= min <= max"),
+    ("pretrain.py", "train.inject_faults=[boom@3]", "train.inject_faults: 'boom@3' is not kind@step"),
+])
+def test_post_training_jobs_reject_bad_input_before_ray_starts(job, override, expected):
+    p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", job), override], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_ADDRESS=""))
+    assert p.returncode == 2, p.stderr
+    assert expected in p.stderr
+    assert "Started a local Ray instance" not in p.stdout + p.stderr

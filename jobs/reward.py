@@ -1,0 +1,40 @@
+"""Reward model on the pretraining engine: the pretrained network with a scalar head,
+trained with the Bradley-Terry loss on preference pairs; reports pair accuracy on a
+held-out split and exports an ``AutoModelForSequenceClassification`` directory.
+
+    python jobs/reward.py [overrides]                 # local Ray runtime, or RAY_ADDRESS
+    python jobs/reward.py --cfg job                   # print the resolved config
+    ray job submit --working-dir . -- python jobs/reward.py model.pretrained=/path/to/hf
+"""
+import sys
+from dataclasses import replace
+
+import _hydra
+import hydra
+from sft import latest_export
+
+from tidal.config import RewardConfig, validate_pairs
+
+_hydra.register("reward_schema", RewardConfig)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="reward")
+def main(cfg) -> None:
+    config = _hydra.build(cfg, RewardConfig, validate_pairs)  # fails before Ray starts
+    from tidal.tracking.console import print_summary
+    from tidal.train.launch import RunStopped, run_reward
+
+    if not config.model.pretrained:
+        config = replace(config, model=replace(config.model, pretrained=latest_export(config.run.output_dir)))
+        print(f"starting from {config.model.pretrained}")
+    try:
+        summary = run_reward(config)
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    print_summary("reward model finished", summary)
+
+
+if __name__ == "__main__":
+    _hydra.precheck_overrides(RewardConfig, sys.argv[1:])
+    main()
