@@ -1,4 +1,5 @@
 import copy
+import json
 import os
 
 import pytest
@@ -48,3 +49,15 @@ def small_cfg(output_dir, **upd) -> PretrainConfig:
     })
     _merge(base, copy.deepcopy(upd))
     return validate_pretrain(from_dict(PretrainConfig, base))
+
+
+def records(run_dir):
+    """A run's per-step metrics (metrics.jsonl), one dict per step."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def events(run_dir):
+    """A run's events (events.jsonl): starts, checkpoints, rollbacks, preemption notices."""
+    with open(os.path.join(run_dir, "events.jsonl")) as f:
+        return [json.loads(line) for line in f]

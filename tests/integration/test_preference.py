@@ -1,22 +1,17 @@
 """Reward model and DPO on HH-RLHF pairs from a tiny model pretrained in the test, on the
 same engine as pretraining (2 FSDP2 workers)."""
-import json
 import os
 
 import pytest
 
 from tests.conftest import SHARED_DATA
-from tests.integration.conftest import _merge, needs_shakespeare, small_cfg
+from tests.integration.conftest import _merge, needs_shakespeare, records, small_cfg
 from tidal.config import DPOConfig, RewardConfig, from_dict, to_dict, validate_pairs
 from tidal.train.launch import run_dpo, run_pretrain, run_reward
 
 pytestmark = [pytest.mark.integration, needs_shakespeare]
 HH = os.path.join(SHARED_DATA, "hh-rlhf", "harmless-base-pairs.jsonl.gz")
 
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Real FSDP2 training on Ray Train (gloo, 2 CPU workers) on the Shakespeare corpus."""
-import json
 import math
 import os
 import subprocess
@@ -9,17 +8,13 @@ import pytest
 import torch
 
 from tests.conftest import PYTHON, ROOT
-from tests.integration.conftest import needs_shakespeare, small_cfg
+from tests.integration.conftest import needs_shakespeare, records, small_cfg
 from tidal.data.loader import GlobalSampleLoader
 from tidal.data.prepare import default_output_dir, load_manifest
 from tidal.train.launch import run_pretrain
 
 pytestmark = [pytest.mark.integration, needs_shakespeare]
 
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

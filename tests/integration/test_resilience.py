@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.integration.conftest import needs_shakespeare, small_cfg
+from tests.integration.conftest import events, needs_shakespeare, records, small_cfg
 from tidal.train import integrity
 from tidal.train.launch import RunStopped, run_pretrain
 
@@ -17,14 +17,6 @@ DET = {"deterministic": True, "max_steps": 12, "checkpoint_every": 4, "eval_ever
        "keep_checkpoints": 4}
 
 
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def events(run_dir):
-    with open(os.path.join(run_dir, "events.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,13 @@ import os
 import pytest
 
 from tests.conftest import SHARED_DATA
-from tests.integration.conftest import _merge, needs_shakespeare, small_cfg
+from tests.integration.conftest import _merge, needs_shakespeare, records, small_cfg
 from tidal.config import SFTConfig, from_dict, to_dict, validate_sft
 from tidal.train.launch import run_pretrain, run_sft
 
 pytestmark = [pytest.mark.integration, needs_shakespeare]
 ALPACA = os.path.join(SHARED_DATA, "alpaca", "alpaca_5000.json")
 
-
-def records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """Instruction and preference records, the chat template's label mask, packing, and the
 SFT objective on packed against unpacked batches."""
-import json
-
 import numpy as np
 import pytest
 import torch

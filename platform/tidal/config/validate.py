@@ -110,28 +110,15 @@ def _check_curation(d: DataConfig, p: List[str]) -> None:
         p.append(f"data.curation.filters.script: '{f.script}' is not one of latin")
 
 
-def check_sft_data(d, p: List[str]) -> None:
+def check_post_data(d, p: List[str], embedded: str) -> None:
+    """Instruction (SFT) or preference-pair data: sources, lengths, split, limit."""
     if not d.sources:
-        p.append("data.sources: empty; allowed: embedded:pydocs_instruct, files, directories, globs, s3:// or gs:// URIs")
+        p.append(f"data.sources: empty; allowed: {embedded}, files, directories, globs, s3:// or gs:// URIs")
     for i, src in enumerate(d.sources):
         if not src.startswith(("embedded:", *_CLOUD)) and not source_exists(src):
             p.append(f"data.sources[{i}]: nothing matches '{src}'")
-        if src.startswith("embedded:") and src != "embedded:pydocs_instruct":
-            p.append(f"data.sources[{i}]: '{src}' is not an embedded set; allowed: embedded:pydocs_instruct")
-    _check(p, d.seq_len >= 16, "data.seq_len", ">= 16", d.seq_len)
-    _check(p, 0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
-    if d.limit is not None:
-        _check(p, d.limit >= 2, "data.limit", ">= 2 or null", d.limit)
-
-
-def check_pair_data(d, p: List[str]) -> None:
-    if not d.sources:
-        p.append("data.sources: empty; allowed: embedded:pydocs_prefs, files, directories, globs, s3:// or gs:// URIs")
-    for i, src in enumerate(d.sources):
-        if not src.startswith(("embedded:", *_CLOUD)) and not source_exists(src):
-            p.append(f"data.sources[{i}]: nothing matches '{src}'")
-        if src.startswith("embedded:") and src != "embedded:pydocs_prefs":
-            p.append(f"data.sources[{i}]: '{src}' is not an embedded set; allowed: embedded:pydocs_prefs")
+        if src.startswith("embedded:") and src != embedded:
+            p.append(f"data.sources[{i}]: '{src}' is not an embedded set; allowed: {embedded}")
     _check(p, d.seq_len >= 16, "data.seq_len", ">= 16", d.seq_len)
     _check(p, 0 <= d.val_fraction < 1, "data.val_fraction", "in [0, 1)", d.val_fraction)
     if d.limit is not None:
@@ -183,9 +170,9 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     if isinstance(cfg.data, DataConfig):
         check_data(cfg.data, p)
     elif type(cfg.data).__name__ == "PairDataConfig":
-        check_pair_data(cfg.data, p)
+        check_post_data(cfg.data, p, "embedded:pydocs_prefs")
     else:
-        check_sft_data(cfg.data, p)
+        check_post_data(cfg.data, p, "embedded:pydocs_instruct")
 
     if o.name not in OPTIMIZERS:
         p.append(f"optim.name: '{o.name}' is not one of {', '.join(sorted(OPTIMIZERS))}")

@@ -8,19 +8,17 @@ shards use the same global sample-cursor loader, checkpoints and resume as every
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from typing import Dict, List, Tuple
 
 import numpy as np
 
 from tidal.config import fingerprint, to_dict
 from tidal.data import io as tio
-from tidal.data.chat import IGNORE, encode_conversation, ensure_chat_template, render
+from tidal.data.chat import IGNORE, encode_conversation, render
 from tidal.data.corpus import embedded_docs
 from tidal.data.formats import preference_example
-from tidal.data.sft import _is_val, _records
+from tidal.data.sft import _is_val, _records, save_tokenizer, start_output
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -61,15 +59,7 @@ def _row(chosen: Tuple[List[int], List[int]], rejected: Tuple[List[int], List[in
 
 
 def prepare_pairs(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tio.local_dir(tokenizer_dir), local_files_only=True)
-    added = ensure_chat_template(tok, cfg.chat_template)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    if not tio.is_cloud(out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-    tio.remove(tio.join(out_dir, MANIFEST))
+    tok, added = start_output(tokenizer_dir, out_dir, cfg.chat_template)
     counts: Dict = {"records": 0, "malformed": {}, "too_long": 0, "truncated": 0}
     inputs, splits = [], {"train": [], "val": []}
     for src in cfg.sources:
@@ -119,19 +109,7 @@ def prepare_pairs(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
     manifest: Dict = {"format_version": FORMAT_VERSION, "kind": "pairs", "name": cfg.name,
                       "data_key": data_key(cfg), "inputs": inputs, "seq_len": cfg.seq_len,
                       "sample_shape": [4, cfg.seq_len], "shards": {}}
-    tok_dir = tio.join(out_dir, "tokenizer")
-    if tio.is_cloud(out_dir):
-        with tempfile.TemporaryDirectory() as tmp:
-            tok.save_pretrained(tmp)
-            tio.upload_dir(tmp, tok_dir)
-    else:
-        tok.save_pretrained(tok_dir)
-    from tidal.data.tokenizer import tokenizer_hash
-
-    manifest["tokenizer"] = {"path": "tokenizer", "sha256": tokenizer_hash(tio.local_dir(tok_dir)),
-                             "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
-                             "pad_token_id": tok.pad_token_id, "added_chat_tokens": added,
-                             "chat_template": tok.chat_template}
+    manifest["tokenizer"] = save_tokenizer(tok, out_dir, added)
     rng = np.random.default_rng(cfg.seed)
     for split, rows in splits.items():
         arr = np.stack(rows)

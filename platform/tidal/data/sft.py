@@ -122,17 +122,40 @@ def data_key(cfg) -> str:
     return fingerprint(d, 10)
 
 
-def prepare_sft(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
-    """Write SFT shards, the tokenizer (with its chat template) and ``manifest.json``."""
+def start_output(tokenizer_dir: str, out_dir: str, chat_template):
+    """The tokenizer with its chat template (and whether role tokens were added), and an
+    output directory without a manifest (it is written last)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tio.local_dir(tokenizer_dir), local_files_only=True)
-    added = ensure_chat_template(tok, cfg.chat_template)
+    added = ensure_chat_template(tok, chat_template)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if not tio.is_cloud(out_dir):
         os.makedirs(out_dir, exist_ok=True)
     tio.remove(tio.join(out_dir, MANIFEST))
+    return tok, added
+
+
+def save_tokenizer(tok, out_dir: str, added: bool) -> Dict:
+    """Write the tokenizer (chat template included) to ``<out_dir>/tokenizer``; its manifest entry."""
+    from tidal.data.tokenizer import tokenizer_hash
+
+    dest = tio.join(out_dir, "tokenizer")
+    if tio.is_cloud(out_dir):
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            tio.upload_dir(tmp, dest)
+    else:
+        tok.save_pretrained(dest)
+    return {"path": "tokenizer", "sha256": tokenizer_hash(tio.local_dir(dest)), "vocab_size": len(tok),
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+            "added_chat_tokens": added, "chat_template": tok.chat_template}
+
+
+def prepare_sft(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
+    """Write SFT shards, the tokenizer (with its chat template) and ``manifest.json``."""
+    tok, added = start_output(tokenizer_dir, out_dir, cfg.chat_template)
     counts: Dict = {"records": 0, "malformed": {}, "too_long": 0, "truncated": 0}
     inputs, splits = [], {"train": [], "val": []}
     for src in cfg.sources:
@@ -171,16 +194,7 @@ def prepare_sft(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
     manifest: Dict = {"format_version": FORMAT_VERSION, "kind": "sft", "name": cfg.name,
                       "data_key": data_key(cfg), "inputs": inputs, "seq_len": cfg.seq_len,
                       "sample_shape": [3, cfg.seq_len], "packing": cfg.packing, "shards": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        tio.upload_dir(tmp, tio.join(out_dir, "tokenizer")) if tio.is_cloud(out_dir) else \
-            tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
-    from tidal.data.tokenizer import tokenizer_hash
-
-    manifest["tokenizer"] = {"path": "tokenizer", "sha256": tokenizer_hash(tio.local_dir(tio.join(out_dir, "tokenizer"))),
-                             "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
-                             "pad_token_id": tok.pad_token_id, "added_chat_tokens": added,
-                             "chat_template": tok.chat_template}
+    manifest["tokenizer"] = save_tokenizer(tok, out_dir, added)
     for split, examples in splits.items():
         order = rng.permutation(len(examples)) if split == "train" else np.arange(len(examples))
         rows = pack([examples[i] for i in order], cfg.seq_len, tok.pad_token_id, cfg.packing)

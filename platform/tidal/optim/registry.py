@@ -1,7 +1,7 @@
 """A tiny registry: a dict plus a decorator that refuses duplicate names."""
 from __future__ import annotations
 
-from typing import Callable, Dict, TypeVar
+from typing import Callable, TypeVar
 
 T = TypeVar("T", bound=Callable)
 
