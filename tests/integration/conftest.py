@@ -61,3 +61,25 @@ def events(run_dir):
     """A run's events (events.jsonl): starts, checkpoints, rollbacks, preemption notices."""
     with open(os.path.join(run_dir, "events.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def run_isolated(request, timeout: int = 1500) -> bool:
+    """Run the calling test again, alone, in a fresh Python process, and report its result
+    here; returns True in this (parent) process, which then skips the body. Tests that
+    start their own Ray clusters use it: Ray Data and Ray Train keep per-process state
+    (stats actors, cluster discovery) that an earlier test's runtime must not leak into."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    if os.environ.get("TIDAL_ISOLATED") == request.node.nodeid:
+        return False
+    env = dict(os.environ, TIDAL_ISOLATED=request.node.nodeid)
+    for leaked in ("RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONBREAKPOINT"):  # set by ray.init here
+        env.pop(leaked, None)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        request.node.nodeid], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, (p.stdout[-8000:] + "\n" + p.stderr[-4000:])
+    return True

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import needs_shakespeare, small_cfg
+from tests.integration.conftest import needs_shakespeare, run_isolated, small_cfg
 from tests.integration.fake_cluster import FakeAutoscalingCluster
 from tidal.train import integrity
 from tidal.train.launch import run_pretrain
@@ -75,7 +75,9 @@ def pick_victim(cluster):
     return candidates[-1]
 
 
-def test_elastic_run_grows_loses_a_node_and_matches_a_fixed_size_run(tmp_path, monkeypatch):
+def test_elastic_run_grows_loses_a_node_and_matches_a_fixed_size_run(request, tmp_path, monkeypatch):
+    if run_isolated(request):
+        return
     import ray
 
     out = tmp_path
