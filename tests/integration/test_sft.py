@@ -74,3 +74,30 @@ def test_sft_learns_resumes_and_exports_its_chat_template(base_model, out):
     ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     gen = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert gen.shape[1] > ids.shape[1]
+
+
+def test_evaluate_job_reports_forgetting_sft_loss_and_templated_samples(base_model, out):
+    import glob
+    import subprocess
+
+    from tests.conftest import PYTHON, ROOT
+
+    tuned = run_sft(sft_cfg(out, base_model, run={"name": "sft-eval"}, train={"max_steps": 8}))
+    text_data = glob.glob(os.path.join(str(out), "data", "tinyshakespeare-*"))[0]
+    sft_data = glob.glob(os.path.join(str(out), "data", "alpaca-*"))[0]
+    dest = os.path.join(str(out), "eval")
+    p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", "evaluate.py"), f"model_dir={tuned['hf_export']}",
+                        f"before={base_model}", f"text_data={text_data}", f"sft_data={sft_data}",
+                        f"output={dest}", "max_samples=16", "max_new_tokens=6"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, WANDB_MODE="offline", RAY_ADDRESS=""))
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.load(open(os.path.join(dest, "results.json")))
+    f = res["forgetting"]
+    assert f["before"]["ppl"] > 1 and f["after"]["ppl"] > 1 and "bpb" in f["after"]
+    assert f["ppl_change"] == pytest.approx(f["after"]["ppl"] / f["before"]["ppl"] - 1)
+    assert 0 < res["sft"]["token_accuracy"] < 1 and res["sft"]["loss"] > 0
+    samples = [json.loads(line) for line in open(os.path.join(dest, "samples.jsonl"))]
+    assert len(samples) == 2 and all(s["rendered"].startswith("<|im_start|>user\n") for s in samples)
+    assert "forgetting/ppl change" in p.stdout  # the console table
+    assert glob.glob(os.path.join(dest, "wandb", "offline-run-*"))

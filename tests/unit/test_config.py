@@ -157,6 +157,7 @@ def test_job_mixture_entries_are_overridable_and_validated():
     ("dpo.py", "dpo.loss=hinge", "dpo.loss: 'hinge' is not one of sigmoid, ipo, cdpo"),
     ("dpo.py", "scaling.workers=3..1", "scaling.workers: '3..1' needs 1 <= min <= max"),
     ("pretrain.py", "train.inject_faults=[boom@3]", "train.inject_faults: 'boom@3' is not kind@step"),
+    ("evaluate.py", "model_dir=/no/such/hf", "model_dir: directory '/no/such/hf' does not exist"),
 ])
 def test_post_training_jobs_reject_bad_input_before_ray_starts(job, override, expected):
     p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", job), override], cwd=ROOT,

@@ -4,6 +4,7 @@ from tidal.config.schema import (
     DataConfig,
     DPOConfig,
     DPOParams,
+    EvalConfig,
     ExportConfig,
     LoggerConfig,
     ModelConfig,
@@ -20,7 +21,7 @@ from tidal.config.schema import (
     TokenizerConfig,
     TrainConfig,
 )
-from tidal.config.validate import validate_export, validate_prepare, validate_pairs, validate_pretrain, validate_sft
+from tidal.config.validate import validate_export, validate_prepare, validate_eval, validate_pairs, validate_pretrain, validate_sft
 
 __all__ = [
     "ConfigError", "allowed_keys", "fingerprint", "from_dict", "to_dict",
@@ -28,5 +29,5 @@ __all__ = [
     "PretrainConfig", "RunConfig", "ScalingConfig", "ScheduleConfig", "TokenizerConfig",
     "SFTConfig", "SFTDataConfig", "TrainConfig", "validate_export", "validate_prepare",
     "validate_pretrain", "validate_sft", "validate_pairs", "DPOConfig", "DPOParams",
-    "PairDataConfig", "RewardConfig",
+    "PairDataConfig", "RewardConfig", "EvalConfig", "validate_eval",
 ]

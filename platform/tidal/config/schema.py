@@ -350,6 +350,24 @@ class DPOConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Evaluate an HF model directory (see ``jobs/evaluate.py``)."""
+
+    model_dir: str = "???"  # an HF directory (a run's hf/ export)
+    reward: bool = False  # the model is a reward model (sequence classifier)
+    before: Optional[str] = None  # forgetting check baseline, and the DPO reference
+    text_data: Optional[str] = None  # a prepared pretraining data directory (its val split)
+    sft_data: Optional[str] = None  # a prepared SFT data directory (its val split)
+    pair_data: Optional[str] = None  # a prepared pair data directory (its val split)
+    max_samples: int = 64
+    prompts: List[str] = field(default_factory=lambda: [
+        "Explain what a Python list comprehension is.", "Name three colors."])
+    max_new_tokens: int = 32
+    output: Optional[str] = None  # default: <model>/../eval-<model dir name>/
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="prepare"))

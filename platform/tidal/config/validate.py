@@ -289,3 +289,23 @@ def validate_export(cfg: ExportConfig) -> ExportConfig:
         raise ConfigError([f"checkpoint: '{cfg.checkpoint}' is not a tidal checkpoint "
                            "(expected .metadata and hf_meta/ inside)"])
     return cfg
+
+
+def validate_eval(cfg):
+    p: List[str] = []
+    for key in ("model_dir", "before", "text_data", "sft_data", "pair_data"):
+        path = getattr(cfg, key)
+        if path is not None and not os.path.isdir(os.path.expanduser(path)):
+            p.append(f"{key}: directory '{path}' does not exist")
+    if os.path.isdir(os.path.expanduser(cfg.model_dir)) and \
+            not os.path.exists(os.path.join(os.path.expanduser(cfg.model_dir), "config.json")):
+        p.append(f"model_dir: '{cfg.model_dir}' is not an HF model directory (no config.json)")
+    for key in ("text_data", "sft_data", "pair_data"):
+        path = getattr(cfg, key)
+        if path and os.path.isdir(path) and not os.path.exists(os.path.join(path, "manifest.json")):
+            p.append(f"{key}: '{path}' is not a prepared data directory (no manifest.json)")
+    _check(p, cfg.max_samples >= 1, "max_samples", ">= 1", cfg.max_samples)
+    _check(p, cfg.max_new_tokens >= 1, "max_new_tokens", ">= 1", cfg.max_new_tokens)
+    if p:
+        raise ConfigError(p)
+    return cfg
