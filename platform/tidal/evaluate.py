@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from tidal.data.loader import ShardSet
 from tidal.data.prepare import load_manifest
+from tidal.objectives.preference import sequence_logps
 
 IGNORE = -100
 
@@ -81,14 +82,6 @@ def sft_metrics(model, data_dir: str, max_samples: int = 64, batch: int = 8) -> 
             "examples_rows": len(rows)}
 
 
-def _seq_logps(model, ids, labels):
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    target = labels[:, 1:]
-    mask = target != IGNORE
-    tok = -F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
-    return (tok * mask).sum(-1)
-
-
 @torch.no_grad()
 def pair_metrics(model, data_dir: str, reference=None, reward: bool = False,
                  max_samples: int = 64, batch: int = 8) -> Dict[str, float]:
@@ -103,9 +96,9 @@ def pair_metrics(model, data_dir: str, reference=None, reward: bool = False,
         if reward:
             r = model(input_ids=ids).logits.squeeze(-1).float()
         else:
-            r = _seq_logps(model, ids, labels)
+            r = sequence_logps(model, ids, labels)[0]
             if reference is not None:
-                r = r - _seq_logps(reference, ids, labels)
+                r = r - sequence_logps(reference, ids, labels)[0]
         d = r[:n] - r[n:]
         wins += int((d > 0).sum())
         margins += d.tolist()

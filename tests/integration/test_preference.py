@@ -56,7 +56,8 @@ def test_dpo_raises_preference_accuracy_and_beta_bounds_the_drift(base_model, ou
                          run={"name": "dpo"}))
     recs = records(s["run_dir"])
     vals = [r for r in recs if "val_margin" in r]
-    assert vals[-1]["val_margin"] > vals[0]["val_margin"] > 0 or vals[-1]["val_margin"] > 0
+    # the policy starts as the reference (margin 0): held-out margins rise from there
+    assert 0 < vals[0]["val_margin"] < vals[-1]["val_margin"], [v["val_margin"] for v in vals]
     late = sum(r["accuracy"] for r in recs[-10:]) / 10
     assert late > 0.6, late
     # a large beta keeps the policy near the reference: far smaller KL for the same steps

@@ -18,7 +18,8 @@ from tidal.data import io as tio
 from tidal.data.chat import IGNORE, encode_conversation, render
 from tidal.data.corpus import embedded_docs
 from tidal.data.formats import preference_example
-from tidal.data.sft import _is_val, _records, save_tokenizer, start_output
+from tidal.data.prepare import is_val
+from tidal.data.sft import read_examples, save_tokenizer, start_output
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -62,45 +63,24 @@ def prepare_pairs(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
     tok, added = start_output(tokenizer_dir, out_dir, cfg.chat_template)
     counts: Dict = {"records": 0, "malformed": {}, "too_long": 0, "truncated": 0}
     inputs, splits = [], {"train": [], "val": []}
-    for src in cfg.sources:
-        if src == "embedded:pydocs_prefs":
-            uris, gen = [src], {src: list(enumerate(pydocs_preferences(cfg.seed)))}
-        else:
-            uris, gen = tio.expand(src), {}
-            if not uris:
-                raise FileNotFoundError(f"data.sources: nothing matches {src!r}")
-        for uri in uris:
-            if uri in gen:
-                inputs.append({"uri": uri})
-                rows = ((u, r, None) for u, r in gen[uri])
-            else:
-                digest, size = tio.sha256_file(uri)
-                inputs.append({"uri": uri, "sha256": digest, "bytes": size})
-                rows = _records(uri)
-            for _, rec, error in rows:
-                if cfg.limit is not None and counts["records"] >= cfg.limit:
-                    break
-                counts["records"] += 1
-                ex, reason = (None, error) if error else preference_example(rec)
-                if ex is None:
-                    counts["malformed"][reason] = counts["malformed"].get(reason, 0) + 1
-                    continue
-                pair = []
-                for side in ("chosen", "rejected"):
-                    ids, labels = encode_conversation(tok, ex["prompt"] + [{"role": "assistant",
-                                                                           "content": ex[side]}])
-                    if len(ids) > cfg.seq_len:
-                        # keep the end: the replies are what is compared, the oldest turns
-                        # of the prompt are what can go
-                        ids, labels = ids[-cfg.seq_len:], labels[-cfg.seq_len:]
-                        counts["truncated"] += 1
-                    pair.append((ids, labels))
-                if any(all(x == IGNORE for x in lab[1:]) for _, lab in pair) or pair[0][0] == pair[1][0]:
-                    counts["too_long"] += 1  # nothing left to compare
-                    continue
-                text = render(tok, ex["prompt"])
-                split = "val" if _is_val(text, cfg.val_fraction, cfg.seed) else "train"
-                splits[split].append(_row(pair[0], pair[1], cfg.seq_len, tok.pad_token_id))
+    embedded = {"embedded:pydocs_prefs": lambda: pydocs_preferences(cfg.seed)}
+    for ex in read_examples(cfg, preference_example, embedded, counts, inputs):
+        pair = []
+        for side in ("chosen", "rejected"):
+            ids, labels = encode_conversation(tok, ex["prompt"] + [{"role": "assistant",
+                                                                   "content": ex[side]}])
+            if len(ids) > cfg.seq_len:
+                # keep the end: the replies are what is compared, the oldest turns
+                # of the prompt are what can go
+                ids, labels = ids[-cfg.seq_len:], labels[-cfg.seq_len:]
+                counts["truncated"] += 1
+            pair.append((ids, labels))
+        if any(all(x == IGNORE for x in lab[1:]) for _, lab in pair) or pair[0][0] == pair[1][0]:
+            counts["too_long"] += 1  # nothing left to compare
+            continue
+        text = render(tok, ex["prompt"])
+        split = "val" if is_val(text, cfg.val_fraction, cfg.seed) else "train"
+        splits[split].append(_row(pair[0], pair[1], cfg.seq_len, tok.pad_token_id))
     if not splits["val"] and len(splits["train"]) >= 2:
         splits["val"].append(splits["train"].pop())
     if not splits["train"]:

@@ -9,11 +9,10 @@ sample-cursor loader as pretraining, so SFT resumes, reshards and resizes the sa
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import tempfile
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -22,6 +21,7 @@ from tidal.data import io as tio
 from tidal.data.chat import IGNORE, encode_conversation, ensure_chat_template, render
 from tidal.data.corpus import embedded_docs
 from tidal.data.formats import instruction_example
+from tidal.data.prepare import is_val
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -46,10 +46,6 @@ def pydocs_instructions() -> List[Dict]:
 
 def _records(uri: str) -> Iterator[Tuple[int, object, Optional[str]]]:
     """``(unit, record, error)`` for every record of a JSON list or JSONL file."""
-    if uri == "embedded:pydocs_instruct":
-        for i, r in enumerate(pydocs_instructions()):
-            yield i, r, None
-        return
     try:
         data = tio.read_bytes(uri)
         if uri.endswith(".gz"):
@@ -77,9 +73,32 @@ def _records(uri: str) -> Iterator[Tuple[int, object, Optional[str]]]:
             yield i, None, "line is not JSON"
 
 
-def _is_val(text: str, fraction: float, seed: int) -> bool:
-    h = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8, key=str(seed).encode())
-    return int.from_bytes(h.digest(), "little") / 2**64 < fraction
+def read_examples(cfg, parse: Callable, embedded: Dict[str, Callable[[], List[Dict]]],
+                  counts: Dict, inputs: List[Dict]) -> Iterator:
+    """Every valid example of ``cfg.sources`` (``parse(record) -> (example, reason)``), at
+    most ``cfg.limit`` records; malformed ones are counted by reason in ``counts`` and each
+    input (with its SHA-256 when it is a file) is appended to ``inputs``."""
+    for src in cfg.sources:
+        uris = [src] if src in embedded else tio.expand(src)
+        if not uris:
+            raise FileNotFoundError(f"data.sources: nothing matches {src!r}")
+        for uri in uris:
+            if uri in embedded:
+                inputs.append({"uri": uri})
+                rows = ((i, r, None) for i, r in enumerate(embedded[uri]()))
+            else:
+                digest, size = tio.sha256_file(uri)
+                inputs.append({"uri": uri, "sha256": digest, "bytes": size})
+                rows = _records(uri)
+            for _, rec, error in rows:
+                if cfg.limit is not None and counts["records"] >= cfg.limit:
+                    return
+                counts["records"] += 1
+                example, reason = (None, error) if error else parse(rec)
+                if example is None:
+                    counts["malformed"][reason] = counts["malformed"].get(reason, 0) + 1
+                    continue
+                yield example
 
 
 def pack(examples: List[Tuple[List[int], List[int]]], seq_len: int, pad_id: int,
@@ -158,33 +177,17 @@ def prepare_sft(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
     tok, added = start_output(tokenizer_dir, out_dir, cfg.chat_template)
     counts: Dict = {"records": 0, "malformed": {}, "too_long": 0, "truncated": 0}
     inputs, splits = [], {"train": [], "val": []}
-    for src in cfg.sources:
-        uris = [src] if src.startswith("embedded:") else tio.expand(src)
-        if not uris:
-            raise FileNotFoundError(f"sft.data.sources: nothing matches {src!r}")
-        for uri in uris:
-            if uri.startswith("embedded:"):
-                inputs.append({"uri": uri})
-            else:
-                digest, size = tio.sha256_file(uri)
-                inputs.append({"uri": uri, "sha256": digest, "bytes": size})
-            for unit, rec, error in _records(uri):
-                if cfg.limit is not None and counts["records"] >= cfg.limit:
-                    break
-                counts["records"] += 1
-                turns, reason = (None, error) if error else instruction_example(rec)
-                if turns is None:
-                    counts["malformed"][reason] = counts["malformed"].get(reason, 0) + 1
-                    continue
-                ids, labels = encode_conversation(tok, turns)
-                if len(ids) > cfg.seq_len:
-                    ids, labels = ids[:cfg.seq_len], labels[:cfg.seq_len]
-                    counts["truncated"] += 1
-                if all(x == IGNORE for x in labels[1:]):
-                    counts["too_long"] += 1  # nothing of the reply is left to learn from
-                    continue
-                split = "val" if _is_val(render(tok, turns), cfg.val_fraction, cfg.seed) else "train"
-                splits[split].append((ids, labels))
+    embedded = {"embedded:pydocs_instruct": pydocs_instructions}
+    for turns in read_examples(cfg, instruction_example, embedded, counts, inputs):
+        ids, labels = encode_conversation(tok, turns)
+        if len(ids) > cfg.seq_len:
+            ids, labels = ids[:cfg.seq_len], labels[:cfg.seq_len]
+            counts["truncated"] += 1
+        if all(x == IGNORE for x in labels[1:]):
+            counts["too_long"] += 1  # nothing of the reply is left to learn from
+            continue
+        split = "val" if is_val(render(tok, turns), cfg.val_fraction, cfg.seed) else "train"
+        splits[split].append((ids, labels))
     if not splits["val"] and len(splits["train"]) >= 2:  # tiny sets: keep one for evaluation
         splits["val"].append(splits["train"].pop())
     if not splits["train"]:
