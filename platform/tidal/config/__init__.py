@@ -7,6 +7,7 @@ from tidal.config.schema import (
     EvalConfig,
     ExportConfig,
     LoggerConfig,
+    LoRAConfig,
     ModelConfig,
     OptimConfig,
     PairDataConfig,
@@ -25,7 +26,7 @@ from tidal.config.validate import validate_export, validate_prepare, validate_ev
 
 __all__ = [
     "ConfigError", "allowed_keys", "fingerprint", "from_dict", "to_dict",
-    "DataConfig", "ExportConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "PrepareConfig",
+    "DataConfig", "ExportConfig", "LoggerConfig", "LoRAConfig", "ModelConfig", "OptimConfig", "PrepareConfig",
     "PretrainConfig", "RunConfig", "ScalingConfig", "ScheduleConfig", "TokenizerConfig",
     "SFTConfig", "SFTDataConfig", "TrainConfig", "validate_export", "validate_prepare",
     "validate_pretrain", "validate_sft", "validate_pairs", "DPOConfig", "DPOParams",

@@ -29,6 +29,19 @@ def worker_bounds(workers: Any) -> Tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (peft) on a pretrained model: the base stays frozen and only the
+    adapters (and the rows of tokens added to the vocabulary) train. ``rank: 0`` is off."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    # module names (suffixes) to adapt; ["all-linear"]: every linear layer but the output head
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    merge_export: bool = True  # train.export_hf: also write the base with adapters merged in
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A causal LM, built from an architecture config or loaded from a local HF directory."""
 
@@ -45,6 +58,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass(frozen=True)
@@ -315,7 +329,11 @@ class DPOParams:
     beta: float = 0.1
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo | cdpo (conservative: label_smoothing flipped labels)
     label_smoothing: float = 0.1  # cdpo: the assumed share of flipped labels
-    reference: str = "batch"  # batch: reference log-probs per batch without gradients
+    # batch: the reference's log-probs per batch, without gradients (a frozen copy of the
+    # starting model, or with LoRA the base with adapters off: no second copy);
+    # precompute: one pass over the pairs before training, cached in the run directory, and
+    # no reference model in memory while training (the KL is then a per-sequence k1 estimate)
+    reference: str = "batch"
 
 
 @dataclass(frozen=True)

@@ -134,8 +134,8 @@ def validate_pairs(cfg):
         if dpo.loss not in ("sigmoid", "ipo", "cdpo"):
             p.append(f"dpo.loss: '{dpo.loss}' is not one of sigmoid, ipo, cdpo")
         _check(p, 0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)", dpo.label_smoothing)
-        if dpo.reference != "batch":
-            p.append(f"dpo.reference: '{dpo.reference}' is not one of batch")
+        if dpo.reference not in ("batch", "precompute"):
+            p.append(f"dpo.reference: '{dpo.reference}' is not one of batch, precompute")
     try:
         validate_pretrain(cfg)
     except ConfigError as e:
@@ -157,6 +157,21 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     p: List[str] = []
     m, o, s, sc, t, r = cfg.model, cfg.optim, cfg.schedule, cfg.scaling, cfg.train, cfg.run
     _choice(p, "model.arch", m.arch)
+    lo = m.lora
+    _check(p, lo.rank >= 0, "model.lora.rank", ">= 0 (0: off)", lo.rank)
+    if lo.rank:
+        _check(p, lo.alpha > 0, "model.lora.alpha", "> 0", lo.alpha)
+        _check(p, 0 <= lo.dropout < 1, "model.lora.dropout", "in [0, 1)", lo.dropout)
+        if not lo.target_modules:
+            p.append("model.lora.target_modules: empty; give module names (e.g. [q_proj, v_proj]) "
+                     "or [all-linear]")
+        kind = type(cfg).__name__
+        if kind == "PretrainConfig" and not m.pretrained:
+            p.append("model.lora.rank: LoRA adapts a pretrained model; set model.pretrained to an "
+                     "HF directory (or use model.lora.rank=0)")
+        if kind == "RewardConfig":
+            p.append("model.lora.rank: the reward job trains all weights; LoRA is for sft and dpo "
+                     "(use model.lora.rank=0)")
     if m.pretrained is not None and not os.path.isdir(os.path.expanduser(m.pretrained)):
         p.append(f"model.pretrained: directory '{m.pretrained}' does not exist")
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):

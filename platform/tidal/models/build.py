@@ -56,8 +56,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
         model = AutoModelForSequenceClassification.from_pretrained(
             os.path.expanduser(cfg.pretrained), num_labels=1, local_files_only=True,
             dtype=torch.float32, attn_implementation="sdpa")
-        if vocab_size and model.get_input_embeddings().num_embeddings < vocab_size:
+        old = model.get_input_embeddings().num_embeddings
+        if vocab_size and old < vocab_size:
             model.resize_token_embeddings(vocab_size)
+            model.tidal_new_tokens = list(range(old, vocab_size))
         model.config.pad_token_id = pad_id if pad_id is not None else eos_id
         model.config.use_cache = False
         model.config.architectures = [type(model).__name__]  # exports as a classifier
@@ -66,10 +68,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
         model = AutoModelForCausalLM.from_pretrained(
             os.path.expanduser(cfg.pretrained), local_files_only=True, dtype=torch.float32,
             attn_implementation="sdpa")
-        if vocab_size and model.get_input_embeddings().num_embeddings < vocab_size:
+        old = model.get_input_embeddings().num_embeddings
+        if vocab_size and old < vocab_size:
             # tokens added since (e.g. chat role markers): new rows drawn from the old rows'
             # mean and covariance, the same on every rank (seeded above)
             model.resize_token_embeddings(vocab_size)
+            model.tidal_new_tokens = list(range(old, vocab_size))  # LoRA trains these rows
     else:
         conf = hf_config(cfg, vocab_size, eos_id, pad_id)
         model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32,

@@ -1,11 +1,12 @@
 """Losses and objectives: what turns a batch of samples into a loss (training) and into
 summed losses and counts (evaluation). Every stage is an objective on the same engine."""
 from tidal.objectives.causal_lm import LMObjective, SFTObjective, causal_lm_loss, split_sample
-from tidal.objectives.logprobs import chunked_token_logprobs, sequence_logprob, token_logprobs
+from tidal.objectives.logprobs import (chunked_token_logprobs, model_token_logprobs, sequence_logprob,
+                                      shift_targets, token_logprobs)
 from tidal.objectives.preference import DPOObjective, RewardObjective
 
 OBJECTIVES = {"lm": LMObjective, "sft": SFTObjective, "reward": RewardObjective, "dpo": DPOObjective}
 
 __all__ = ["OBJECTIVES", "LMObjective", "SFTObjective", "RewardObjective", "DPOObjective",
            "causal_lm_loss", "split_sample", "chunked_token_logprobs", "sequence_logprob",
-           "token_logprobs"]
+           "token_logprobs", "model_token_logprobs", "shift_targets"]

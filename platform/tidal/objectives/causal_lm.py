@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tidal.objectives.logprobs import model_token_logprobs, shift_targets
+
 IGNORE = -100
 
 
@@ -48,19 +50,18 @@ class SFTObjective:
     name = "sft"
 
     @staticmethod
-    def _forward(model, batch):
+    def _token_logps(model, batch):
+        """Log-probs of the response tokens (chunked: never the full logits) and their mask."""
         ids, labels, pos = batch[:, 0], batch[:, 1], batch[:, 2]
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        return logits[:, :-1], labels[:, 1:]
+        target = shift_targets(labels)
+        logp, _ = model_token_logprobs(model, target, input_ids=ids, position_ids=pos, use_cache=False)
+        return logp, target != IGNORE
 
     def __call__(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        logits, labels = self._forward(model, batch)
-        if not (labels != IGNORE).any():  # a batch of padding only: zero, but keep the graph
-            return logits.sum() * 0.0
-        return causal_lm_loss(logits, labels)
+        logp, mask = self._token_logps(model, batch)
+        # a batch of padding only gives zero (logp is 0 there), keeping the graph
+        return -logp.sum() / mask.sum().clamp(min=1)
 
     def eval_sums(self, model: torch.nn.Module, batch: torch.Tensor):
-        logits, labels = self._forward(model, batch)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-        return loss, int((labels != IGNORE).sum())
+        logp, mask = self._token_logps(model, batch)
+        return -logp.sum(), int(mask.sum())

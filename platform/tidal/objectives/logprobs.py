@@ -110,3 +110,38 @@ def sequence_logprob(logp: torch.Tensor, labels: torch.Tensor, ignore_index: int
     total = (logp * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
+
+
+def shift_targets(labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+    """``labels`` aligned with the positions that predict them: ``out[:, t] = labels[:, t+1]``
+    and the last position ignored."""
+    pad = labels.new_full((labels.shape[0], 1), ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def model_token_logprobs(model, targets: torch.Tensor, chunk_size: int = 1024,
+                         ignore_index: int = IGNORE, **inputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, entropy)`` of ``targets`` (``[B, L]``, already shifted, see
+    :func:`shift_targets`) under an HF causal LM called with ``inputs``, never forming the
+    full logits: for this call the output head's forward is the chunked projection. It runs
+    inside the model's own forward, so under FSDP2 the head's weight is the gathered one and
+    its gradient is reduced like any other. Heads that are not a plain bias-free linear layer
+    (e.g. one wrapped by an adapter) fall back to full logits."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        logits = model(**inputs).logits
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        logp = logp_all.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        logp = torch.where(targets == ignore_index, torch.zeros_like(logp), logp)
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+    def projection(hidden: torch.Tensor) -> torch.Tensor:
+        logp, entropy = chunked_token_logprobs(hidden, head.weight, targets, chunk_size, ignore_index)
+        return torch.stack([logp, entropy], dim=-1)
+
+    head.forward = projection  # an instance attribute shadows the class's forward
+    try:
+        out = model(**inputs).logits
+    finally:
+        del head.forward
+    return out[..., 0], out[..., 1]

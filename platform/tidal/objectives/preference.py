@@ -8,6 +8,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
+from tidal.objectives.logprobs import model_token_logprobs, shift_targets
+
 IGNORE = -100
 
 
@@ -57,11 +59,10 @@ class RewardObjective(_Stats):
 
 def sequence_logps(model, ids: torch.Tensor, labels: torch.Tensor, average: bool = False):
     """Sum (or mean) of the log-probs of each sequence's labelled tokens, and per-token
-    log-probs with their mask (for KL estimates)."""
-    logits = model(input_ids=ids).logits[:, :-1]
-    target = labels[:, 1:]
+    log-probs with their mask (for KL estimates); chunked, never the full logits."""
+    target = shift_targets(labels)
+    tok, _ = model_token_logprobs(model, target, input_ids=ids)
     mask = target != IGNORE
-    tok = -F.cross_entropy(logits.float().transpose(1, 2), target.clamp(min=0), reduction="none")
     tok = tok * mask
     total = tok.sum(-1)
     if average:
@@ -69,11 +70,23 @@ def sequence_logps(model, ids: torch.Tensor, labels: torch.Tensor, average: bool
     return total, tok, mask
 
 
+def reference_sums(reference, batch: torch.Tensor):
+    """Per pair sample: the reference's summed log-probs ``[B, 2]`` (chosen, rejected) and
+    labelled-token counts ``[B, 2]`` (for ``dpo.reference=precompute``)."""
+    ids, labels = _pair(batch)
+    total, _, mask = sequence_logps(reference, ids, labels)
+    n = batch.shape[0]
+    counts = mask.sum(-1).double()
+    return (torch.stack([total[:n], total[n:]], 1).double(),
+            torch.stack([counts[:n], counts[n:]], 1))
+
+
 class DPOObjective(_Stats):
     """``x = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r))``;
     sigmoid: ``-log sigmoid(beta x)``; cdpo: label smoothing ``eps`` over both orders;
     ipo: ``(x - 1/(2 beta))^2`` on length-averaged log-probs. Reference log-probs are
-    computed per batch without gradients (``self.reference``, set by the loop)."""
+    computed per batch without gradients (``self.reference``, set by the loop), or looked up
+    in a precomputed table (``self.table``); the KL estimate is then per sequence (k1)."""
 
     name = "dpo"
     head = "lm"
@@ -83,14 +96,25 @@ class DPOObjective(_Stats):
     def __init__(self, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0):
         self.beta, self.loss_type, self.eps = beta, loss, label_smoothing
         self.reference = None
+        self.table = None  # a ReferenceTable (tidal.train.reference) when precomputed
 
     def _terms(self, model, batch):
         ids, labels = _pair(batch)
         avg = self.loss_type == "ipo"
         pi, pi_tok, mask = sequence_logps(model, ids, labels, avg)
-        with torch.no_grad():
-            ref, ref_tok, _ = sequence_logps(self.reference, ids, labels, avg)
         n = batch.shape[0]
+        if self.table is not None:
+            r = self.table.lookup(batch)  # [B, 4]: sums chosen, rejected; counts chosen, rejected
+            sums, counts = torch.cat([r[:, 0], r[:, 1]]), torch.cat([r[:, 2], r[:, 3]])
+            ref = (sums / counts.clamp(min=1) if avg else sums).to(pi.dtype)
+            # k1: the mean per-token log-ratio, from sequence sums
+            kl = (pi_tok.detach().sum() - sums.sum().to(pi.dtype)) / counts.sum().clamp(min=1).to(pi.dtype)
+        else:
+            with torch.no_grad():
+                ref, ref_tok, _ = sequence_logps(self.reference, ids, labels, avg)
+            # k3 estimate of KL(policy || reference) on the pairs' reply tokens (>= 0)
+            log_ratio = (ref_tok - pi_tok.detach())[mask]
+            kl = (log_ratio.exp() - 1 - log_ratio).mean() if log_ratio.numel() else torch.zeros(())
         x = (pi[:n] - pi[n:]) - (ref[:n] - ref[n:])
         if self.loss_type == "ipo":
             losses = (x - 1.0 / (2 * self.beta)) ** 2
@@ -99,9 +123,6 @@ class DPOObjective(_Stats):
             losses = -(1 - eps) * F.logsigmoid(self.beta * x) - eps * F.logsigmoid(-self.beta * x)
         chosen = self.beta * (pi[:n] - ref[:n]).detach()
         rejected = self.beta * (pi[n:] - ref[n:]).detach()
-        # k3 estimate of KL(policy || reference) on the pairs' reply tokens (>= 0)
-        log_ratio = (ref_tok - pi_tok.detach())[mask]
-        kl = (log_ratio.exp() - 1 - log_ratio).mean() if log_ratio.numel() else torch.zeros(())
         return losses, chosen, rejected, kl
 
     def __call__(self, model, batch):

@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from tidal.train.engine import Engine
 
@@ -30,6 +30,18 @@ def _rng_state(device: torch.device) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _model_optim_state(engine: Engine):
+    """Model and optimizer state dicts; with LoRA only the trainable tensors (the adapters):
+    the frozen base is the ``model.pretrained`` directory, not part of the run's state."""
+    model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
+    if engine.extra.get("lora"):
+        from tidal.models.lora import trainable_names
+
+        keep = trainable_names(engine.model)
+        model_sd = {k: v for k, v in model_sd.items() if k in keep}
+    return model_sd, optim_sd
+
+
 def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = None,
          async_group=None):
     """Write this rank's part of the checkpoint into ``path`` (a per-rank local dir is fine:
@@ -38,7 +50,7 @@ def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = N
     training's) the shards are staged in memory and written by a background thread: the
     returned future completes when they are on disk. Otherwise returns None when done."""
     os.makedirs(path, exist_ok=True)
-    model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
+    model_sd, optim_sd = _model_optim_state(engine)
     future = None
     if async_group is not None:
         future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path,
@@ -68,11 +80,12 @@ def read_state(path: str) -> Dict:
 
 def load(engine: Engine, path: str) -> Dict:
     """Restore model, optimizer, counters and (when the rank existed) RNG from ``path``."""
-    model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
+    model_sd, optim_sd = _model_optim_state(engine)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(engine.model, engine.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+                   optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=not engine.extra.get("lora")))
     meta = read_state(path)
     engine.step, engine.cursor, engine.tokens_seen = meta["step"], meta["cursor"], meta["tokens_seen"]
     engine.extra["skipped"] = [list(w) for w in meta.get("skipped", [])]

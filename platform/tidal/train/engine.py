@@ -66,6 +66,12 @@ def build_engine(cfg: PretrainConfig, vocab_size: int, eos_id: int, pad_id: Opti
     num_params = count_params(model)
     flop_params = M.matmul_params(model)
     shape = shape_of(model)
+    lora_cfg = cfg.model.lora
+    if lora_cfg.rank:
+        from tidal.models import lora
+
+        model = lora.wrap(model, lora_cfg, head, getattr(model, "tidal_new_tokens", []),
+                          cfg.model.pretrained)
     model.to(device)
     precision = resolve_precision(cfg.scaling.precision, device.type)
     mesh = make_mesh(device.type, world)
@@ -77,7 +83,10 @@ def build_engine(cfg: PretrainConfig, vocab_size: int, eos_id: int, pad_id: Opti
                   global_batch=cfg.train.global_batch_tokens // seq, num_params=num_params,
                   flops_per_token=M.flops_per_token(flop_params, shape["num_layers"],
                                                     shape["hidden_size"], seq),
-                  peak_flops=peak, extra={"shape": shape, "precision": precision})
+                  peak_flops=peak, extra={"shape": shape, "precision": precision,
+                                          "lora": bool(lora_cfg.rank),
+                                          "trainable_params": sum(p.numel() for p in model.parameters()
+                                                                  if p.requires_grad)})
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:

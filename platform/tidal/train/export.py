@@ -5,10 +5,11 @@ in one process, from any tidal checkpoint directory (``export_checkpoint``).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -61,10 +62,20 @@ def write_hf(model: torch.nn.Module, tokenizer_dir: str, dest: str) -> str:
     return dest
 
 
-def export_hf(model: torch.nn.Module, rank: int, tokenizer_dir: str, dest: str) -> None:
-    """Gather the full state dict (a collective: every rank calls this); rank 0 writes."""
+def export_hf(model: torch.nn.Module, rank: int, tokenizer_dir: str, dest: Optional[str],
+              adapter_dest: Optional[str] = None) -> None:
+    """Gather the full state dict (a collective: every rank calls this); rank 0 writes.
+    A LoRA model writes its PEFT adapter directory at ``adapter_dest`` and the merged
+    model at ``dest`` (None: adapter only)."""
+    from tidal.models import lora
+
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if rank != 0:
+        return
+    if lora.is_peft(model):
+        plain = lora.plain_peft(model.config, full, model.peft_config["default"])
+        lora.write_peft(plain, tokenizer_dir, adapter_dest, dest)
+    else:
         write_hf(_plain_model(model.config, full), tokenizer_dir, dest)
 
 
@@ -78,6 +89,10 @@ def export_checkpoint(checkpoint_dir: str, dest: str) -> str:
     checkpoint_dir = tio.local_dir(checkpoint_dir)  # a checkpoint on s3:// / gs:// is fetched
     meta = os.path.join(checkpoint_dir, HF_META)
     config = AutoConfig.from_pretrained(meta, local_files_only=True)
+    with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
+        run_cfg = json.load(f).get("config", {})
+    if run_cfg.get("model", {}).get("lora", {}).get("rank"):
+        return _export_lora_checkpoint(checkpoint_dir, meta, config, run_cfg, dest)
     model = _auto_class(config).from_config(config, dtype=torch.float32)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=checkpoint_dir)  # reads only the model's entries
@@ -85,3 +100,27 @@ def export_checkpoint(checkpoint_dir: str, dest: str) -> str:
     model.tie_weights()
     model.config.use_cache = True
     return write_hf(model, meta, dest)
+
+
+def _export_lora_checkpoint(checkpoint_dir: str, meta: str, config, run_cfg: Dict, dest: str) -> str:
+    """A LoRA checkpoint holds only the adapters: rebuild the base from the run's
+    ``model.pretrained``, load the adapters, write ``<dest>`` (merged) and ``<dest>-adapter``."""
+    import torch.distributed.checkpoint as dcp
+
+    from tidal.config import ModelConfig, from_dict
+    from tidal.models import build_model, lora
+
+    mc = from_dict(ModelConfig, run_cfg["model"])
+    if not mc.pretrained or not os.path.isdir(os.path.expanduser(mc.pretrained)):
+        raise FileNotFoundError(f"{checkpoint_dir} holds LoRA adapters for the base model "
+                                f"{mc.pretrained!r}, which is not there: the base is needed to export")
+    head = "reward" if _auto_class(config).__name__.endswith("SequenceClassification") else "lm"
+    base = build_model(mc, config.vocab_size, config.eos_token_id, config.pad_token_id,
+                       run_cfg.get("train", {}).get("seed", 0), head=head)
+    model = lora.wrap(base, mc.lora, head, getattr(base, "tidal_new_tokens", []), mc.pretrained)
+    keep = lora.trainable_names(model)
+    state = {"model": {k: v for k, v in model.state_dict().items() if k in keep}}
+    dcp.load(state, checkpoint_id=checkpoint_dir)
+    model.load_state_dict(state["model"], strict=False)
+    lora.write_peft(model, meta, f"{dest}-adapter", dest)
+    return dest

@@ -31,7 +31,8 @@ PROTECTED = ("model.", "data.", "optim.", "schedule.", "train.max_steps", "train
              "train.seed")
 UNPROTECTED = ("data.output_dir", "model.name")
 SHAPE_KEYS = ("model.arch", "model.pretrained", "model.hidden_size", "model.num_layers", "model.num_heads",
-              "model.num_kv_heads", "model.intermediate_size", "model.tie_embeddings", "data.tokenizer.")
+              "model.num_kv_heads", "model.intermediate_size", "model.tie_embeddings", "data.tokenizer.",
+              "model.lora.rank", "model.lora.target_modules")
 
 
 class RunStopped(RuntimeError):
@@ -186,6 +187,8 @@ def _facts(cfg: PretrainConfig, manifest: Dict, data_dir: str, events: list, use
     start = next((e for e in reversed(events) if e["event"] == "start"), {})
     return {"run_name": cfg.run.name, "model": f"{cfg.model.name} ({cfg.model.arch})",
             "parameters": f"{start.get('num_params', 0):,}" if start else "?",
+            **({"trainable parameters": f"{start['trainable_params']:,} (LoRA rank {cfg.model.lora.rank})"}
+               if cfg.model.lora.rank and "trainable_params" in start else {}),
             "data": f"{manifest['name']} at {data_dir}",
             "data manifest sha256": manifest_hash(manifest),
             "tokenizer sha256": manifest["tokenizer"]["sha256"],
@@ -301,7 +304,11 @@ def run_training(cfg, log=print, objective: str = "lm") -> Dict:
         data_dir, manifest = ensure_data(cfg.data, storage, log)
     run_dir = os.path.join(root, cfg.run.name)
     os.makedirs(run_dir, exist_ok=True)
+    lora = cfg.model.lora
     export_dir = tio.join(storage, cfg.run.name, "hf") if cfg.train.export_hf else None
+    adapter_dir = tio.join(storage, cfg.run.name, "adapter") if cfg.train.export_hf and lora.rank else None
+    if lora.rank and not lora.merge_export:
+        export_dir = None
     config = to_dict(cfg)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -310,7 +317,8 @@ def run_training(cfg, log=print, objective: str = "lm") -> Dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "data_dir": data_dir, "hub": hub, "use_gpu": use_gpu,
-                           "export_dir": export_dir, "manifest_hash": manifest_hash(manifest),
+                           "export_dir": export_dir, "adapter_dir": adapter_dir,
+                           "manifest_hash": manifest_hash(manifest),
                            "run_storage": run_storage, "objective": objective},
         scaling_config=scaling_config(cfg, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -337,6 +345,8 @@ def run_training(cfg, log=print, objective: str = "lm") -> Dict:
         poller.join(timeout=30)
         bar.close()
         summary = summarize(metrics_log, result, export_dir, run_dir)
+        if adapter_dir:
+            summary["adapter"] = adapter_dir
         summary["wall_time_s"] = round(time.time() - t0, 1)
         summary.update(_resilience(events, run_dir, run_storage))
         if metrics_log.records:

@@ -169,7 +169,12 @@ def _objective(name: str, cfg):
 
 
 def _reference_model(cfg, engine, manifest):
-    """The frozen starting model (DPO's reference), sharded like the policy, no gradients."""
+    """The frozen starting model (DPO's reference), sharded like the policy, no gradients.
+    With LoRA it is the policy's own base with the adapters switched off."""
+    if engine.extra.get("lora"):
+        from tidal.models.lora import AdaptersOff
+
+        return AdaptersOff(engine.model)
     from tidal.models import build_model
     from tidal.parallel import apply as apply_fsdp
     from tidal.parallel import make_mesh
@@ -180,6 +185,31 @@ def _reference_model(cfg, engine, manifest):
     ref.requires_grad_(False)
     apply_fsdp(ref, make_mesh(engine.device.type, engine.world), engine.extra["precision"])
     return ref.eval()
+
+
+def _precomputed_reference(cfg, engine, reference, loader, run_dir: str, manifest_hash: str, hub):
+    """The reference's log-probs for every pair, computed once per run (and reused by its
+    restarts); see ``tidal.train.reference``."""
+    from tidal.objectives.preference import reference_sums
+    from tidal.train import reference as R
+
+    root = tio.join(run_dir, "reference_logps")
+    meta = {"data_manifest": manifest_hash, "model": to_dict(cfg.model), "seed": cfg.train.seed}
+    rank, world = engine.rank, engine.world
+    table = _bcast(R.load(root, meta) is not None if rank == 0 else None, world)
+    t0 = time.perf_counter()
+    if table:
+        rows = R.load(root, meta)
+    else:
+        rows = R.compute(reference, loader, rank, world, cfg.train.micro_batch_size, engine.device,
+                         reference_sums)
+        if rank == 0:
+            R.save(root, rows, meta)
+        _barrier(world)
+    if hub is not None and rank == 0:
+        hub.push.remote({"event": "reference_precomputed", "pairs": len(rows), "reused": bool(table),
+                         "seconds": round(time.perf_counter() - t0, 2), "path": root})
+    return R.ReferenceTable(rows)
 
 
 def _restore(engine, path: str) -> Dict:
@@ -258,9 +288,13 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     engine.extra["skipped"] = []
     engine.extra["sample_shape"] = manifest.get("sample_shape", [cfg.data.seq_len + 1])
     engine.objective = objective
+    loader = GlobalSampleLoader(data_dir, manifest, t.seed, engine.global_batch)
     if getattr(objective, "needs_reference", False):
         objective.reference = _reference_model(cfg, engine, manifest)
-    loader = GlobalSampleLoader(data_dir, manifest, t.seed, engine.global_batch)
+        if cfg.dpo.reference == "precompute":
+            objective.table = _precomputed_reference(cfg, engine, objective.reference, loader,
+                                                     run_dir, config["manifest_hash"], hub)
+            objective.reference = None  # frees the frozen copy for the whole run
     val = manifest["counts"]["val"]
     bytes_per_token = val["bytes"] / val["tokens"] if val.get("bytes") else None
     tok_dir = tokenizer_path(manifest, data_dir)
@@ -282,6 +316,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             hub.push.remote({"event": "checkpoint_skipped", **s})
         hub.push.remote({"event": "start", "step": engine.step, "world_size": world,
                          "num_params": engine.num_params, "grad_accum": engine.grad_accum,
+                         "trainable_params": engine.extra["trainable_params"],
                          "restored": chosen["path"] is not None, "checkpoint": chosen["path"],
                          "cursor": engine.cursor, "precision": engine.extra["precision"]})
 
@@ -335,10 +370,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         if due:
             saver.save(metrics)
     saver.wait()
-    if t.export_hf and config.get("export_dir"):
-        export_hf(engine.model, rank, tok_dir, config["export_dir"])
+    if t.export_hf and (config.get("export_dir") or config.get("adapter_dir")):
+        export_hf(engine.model, rank, tok_dir, config.get("export_dir"), config.get("adapter_dir"))
         if hub is not None and rank == 0:
-            hub.push.remote({"event": "exported", "step": engine.step, "path": config["export_dir"]})
+            hub.push.remote({"event": "exported", "step": engine.step, "path": config.get("export_dir"),
+                             "adapter": config.get("adapter_dir")})
 
 
 def _rollback(engine, saver: Checkpointer, guard: DivergenceGuard, rank: int, world: int,

@@ -1,0 +1,124 @@
+"""Low-rank adapters (peft) on a built model, before FSDP2 wraps it.
+
+The base weights are frozen; LoRA matrices train, and so do the embedding (and output)
+rows of tokens added to a base vocabulary (e.g. chat role markers), through peft's trainable
+token deltas: a frozen base could not learn to read or emit tokens it has never seen.
+Checkpoints hold only the trainable tensors (``trainable_names``); exports write a PEFT
+adapter directory and, optionally, the base with the adapters merged in.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Set
+
+import torch
+
+from tidal.config.schema import LoRAConfig
+
+
+def peft_config(cfg: LoRAConfig, head: str, new_tokens: List[int], tied: bool,
+                base_path: Optional[str]):
+    from peft import LoraConfig
+
+    targets = cfg.target_modules
+    trainable_tokens = None
+    if new_tokens:
+        trainable_tokens = {"embed_tokens": list(new_tokens)}
+        if head == "lm" and not tied:
+            trainable_tokens["lm_head"] = list(new_tokens)
+    return LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
+        task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM",
+        trainable_token_indices=trainable_tokens,
+        base_model_name_or_path=os.path.abspath(os.path.expanduser(base_path)) if base_path else None)
+
+
+def wrap(model: torch.nn.Module, cfg: LoRAConfig, head: str = "lm",
+         new_tokens: Optional[List[int]] = None, base_path: Optional[str] = None):
+    """``model`` as a ``PeftModel`` with adapters per ``cfg`` (the base frozen)."""
+    from peft import get_peft_model
+
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is model.get_input_embeddings().weight
+    conf = peft_config(cfg, head, list(new_tokens or []), tied, base_path)
+    try:
+        return get_peft_model(model, conf)
+    except ValueError as e:  # e.g. target modules that match nothing
+        raise ValueError(f"model.lora.target_modules={list(cfg.target_modules)}: {e}") from e
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def trainable_names(model: torch.nn.Module) -> Set[str]:
+    """State-dict keys of the trainable tensors (the adapters; FSDP2 keeps parameter names)."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class AdaptersOff:
+    """The base model inside a ``PeftModel``: calling it runs the forward with the adapters
+    disabled, without gradients (DPO's reference, with no second copy of the weights)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+
+def plain_peft(config, state, adapter_conf):
+    """A single-process ``PeftModel`` from the full state dict of a sharded one."""
+    import copy
+
+    from peft import get_peft_model
+
+    from tidal.train.export import _auto_class
+
+    config.use_cache = True
+    with torch.device("meta"):
+        base = _auto_class(config).from_config(config, dtype=torch.float32)
+    model = get_peft_model(base, copy.deepcopy(adapter_conf))
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
+
+
+def write_peft(model, tokenizer_dir: str, adapter_dest: Optional[str],
+               merged_dest: Optional[str]) -> None:
+    """A single-process ``PeftModel`` as the PEFT adapter directory (adapter weights, config
+    naming the base, tokenizer) at ``adapter_dest`` and as an HF directory of the base with
+    the adapters merged in at ``merged_dest`` (either may be None)."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from tidal.data import io as tio
+    from tidal.train.export import write_hf
+
+    if adapter_dest:
+        cloud = tio.is_cloud(adapter_dest)
+        # written beside the destination and swapped in: never a partial directory
+        local = tempfile.mkdtemp(prefix="tidal-adapter-") if cloud else f"{adapter_dest}.tmp{os.getpid()}"
+        shutil.rmtree(local, ignore_errors=True)
+        model.save_pretrained(local)
+        AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True).save_pretrained(local)
+        if cloud:
+            tio.upload_dir(local, adapter_dest)
+            shutil.rmtree(local, ignore_errors=True)
+        else:
+            shutil.rmtree(adapter_dest, ignore_errors=True)
+            os.replace(local, adapter_dest)
+    if merged_dest:
+        merged = model.merge_and_unload()
+        merged.tie_weights()
+        write_hf(merged, tokenizer_dir, merged_dest)
