@@ -64,6 +64,7 @@ def test_lora_freezes_the_base_trains_new_token_rows_and_switches_off(tmp_path):
     with torch.no_grad():
         after = peft_model(input_ids=ids).logits
     off = lora.AdaptersOff(peft_model)(input_ids=ids).logits
+    assert lora.trainable_names(peft_model) == names  # switching off leaves them trainable
     assert not torch.allclose(before, after)
     torch.testing.assert_close(off, before)  # adapters off: exactly the starting model
     with pytest.raises(ValueError, match="model.lora.target_modules"):

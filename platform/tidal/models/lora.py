@@ -63,14 +63,28 @@ def trainable_count(model: torch.nn.Module) -> int:
 
 class AdaptersOff:
     """The base model inside a ``PeftModel``: calling it runs the forward with the adapters
-    disabled, without gradients (DPO's reference, with no second copy of the weights)."""
+    disabled, without gradients (DPO's reference, with no second copy of the weights).
+
+    peft's own ``disable_adapter()`` also flips the adapters' ``requires_grad``; under FSDP2
+    that lands on whichever copy (sharded or gathered) a module holds at that moment and
+    silently freezes some adapters for good. Only the layers' disable flag is switched here."""
 
     def __init__(self, model: torch.nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         self.model = model
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
     def __call__(self, *args, **kwargs):
-        with torch.no_grad(), self.model.disable_adapter():
-            return self.model(*args, **kwargs)
+        before = [layer._disable_adapters for layer in self.layers]
+        for layer in self.layers:
+            layer._disable_adapters = True
+        try:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+        finally:
+            for layer, flag in zip(self.layers, before):
+                layer._disable_adapters = flag
 
     def get_output_embeddings(self):
         return self.model.get_output_embeddings()

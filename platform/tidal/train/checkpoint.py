@@ -35,9 +35,7 @@ def _model_optim_state(engine: Engine):
     the frozen base is the ``model.pretrained`` directory, not part of the run's state."""
     model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
     if engine.extra.get("lora"):
-        from tidal.models.lora import trainable_names
-
-        keep = trainable_names(engine.model)
+        keep = set(engine.extra["trainable_names"])
         model_sd = {k: v for k, v in model_sd.items() if k in keep}
     return model_sd, optim_sd
 

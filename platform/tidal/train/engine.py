@@ -85,6 +85,9 @@ def build_engine(cfg: PretrainConfig, vocab_size: int, eos_id: int, pad_id: Opti
                                                     shape["hidden_size"], seq),
                   peak_flops=peak, extra={"shape": shape, "precision": precision,
                                           "lora": bool(lora_cfg.rank),
+                                          # the tensors a LoRA checkpoint holds, fixed at build
+                                          "trainable_names": sorted(n for n, p in model.named_parameters()
+                                                                    if p.requires_grad),
                                           "trainable_params": sum(p.numel() for p in model.parameters()
                                                                   if p.requires_grad)})
 
