@@ -101,3 +101,27 @@ def test_evaluate_job_reports_forgetting_sft_loss_and_templated_samples(base_mod
     assert len(samples) == 2 and all(s["rendered"].startswith("<|im_start|>user\n") for s in samples)
     assert "forgetting/ppl change" in p.stdout  # the console table
     assert glob.glob(os.path.join(dest, "wandb", "offline-run-*"))
+
+
+def test_sft_with_lora_learns_and_trains_the_new_chat_token_rows(base_model, out):
+    """LoRA SFT on 2 FSDP2 workers: the base stays frozen except the rows of the added
+    role-marker tokens, the held-out loss falls, and the adapter is exported."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    s = run_sft(sft_cfg(out, base_model, model={"lora": {"rank": 8, "alpha": 32}},
+                        optim={"lr": 1e-2}, run={"name": "sft-lora"},
+                        train={"max_steps": 16, "eval_every": 4}))
+    vals = [r["val_loss"] for r in records(s["run_dir"]) if "val_loss" in r]
+    assert all(a > b for a, b in zip(vals, vals[1:])) and vals[-1] < vals[0] - 0.03, vals
+    assert os.path.exists(os.path.join(s["adapter"], "adapter_config.json"))
+    tok = AutoTokenizer.from_pretrained(s["adapter"])
+    merged = AutoModelForCausalLM.from_pretrained(s["hf_export"])
+    base = AutoModelForCausalLM.from_pretrained(base_model)
+    new = tok.convert_tokens_to_ids("<|im_start|>")
+    old = base.get_input_embeddings().num_embeddings
+    assert new >= old  # a token the base never had
+    emb, base_emb = merged.get_input_embeddings().weight, base.get_input_embeddings().weight
+    # old rows are the base's exactly (frozen); the marker's row has a trained value
+    torch.testing.assert_close(emb[:old], base_emb)
+    assert not torch.allclose(emb[new], emb[:old].mean(0), atol=1e-3)

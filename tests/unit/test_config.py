@@ -158,9 +158,14 @@ def test_job_mixture_entries_are_overridable_and_validated():
     ("dpo.py", "scaling.workers=3..1", "scaling.workers: '3..1' needs 1 <= min <= max"),
     ("pretrain.py", "train.inject_faults=[boom@3]", "train.inject_faults: 'boom@3' is not kind@step"),
     ("evaluate.py", "model_dir=/no/such/hf", "model_dir: directory '/no/such/hf' does not exist"),
+    ("sft.py", "model.lora.rank=4 model.lora.dropout=1.5", "model.lora.dropout: must be in [0, 1), got 1.5"),
+    ("sft.py", "model.lora.rank=4 model.lora.target_modules=[]", "model.lora.target_modules: empty"),
+    ("reward.py", "model.lora.rank=4", "model.lora.rank: the reward job trains all weights"),
+    ("pretrain.py", "model.lora.rank=4", "model.lora.rank: LoRA adapts a pretrained model"),
+    ("dpo.py", "dpo.reference=cache", "dpo.reference: 'cache' is not one of batch, precompute"),
 ])
 def test_post_training_jobs_reject_bad_input_before_ray_starts(job, override, expected):
-    p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", job), override], cwd=ROOT,
+    p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", job), *override.split()], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_ADDRESS=""))
     assert p.returncode == 2, p.stderr
     assert expected in p.stderr
