@@ -19,8 +19,12 @@ from tidal.config.schema import (
     ScheduleConfig,
     SFTConfig,
     SFTDataConfig,
+    SearchConfig,
+    SearchParam,
+    SweepConfig,
     TokenizerConfig,
     TrainConfig,
+    TrialSchedulerConfig,
 )
 from tidal.config.validate import validate_export, validate_prepare, validate_eval, validate_pairs, validate_pretrain, validate_sft
 
@@ -30,5 +34,6 @@ __all__ = [
     "PretrainConfig", "RunConfig", "ScalingConfig", "ScheduleConfig", "TokenizerConfig",
     "SFTConfig", "SFTDataConfig", "TrainConfig", "validate_export", "validate_prepare",
     "validate_pretrain", "validate_sft", "validate_pairs", "DPOConfig", "DPOParams",
-    "PairDataConfig", "RewardConfig", "EvalConfig", "validate_eval",
+    "PairDataConfig", "RewardConfig", "EvalConfig", "validate_eval", "SearchConfig", "SearchParam",
+    "SweepConfig", "TrialSchedulerConfig",
 ]

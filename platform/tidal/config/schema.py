@@ -216,6 +216,7 @@ class LoggerConfig:
     project: str = "tidal"
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    run_id: Optional[str] = None  # W&B run id; default run.name (a sweep trial keeps one across restarts)
     progress: bool = True  # live progress bar on the driver
 
 
@@ -398,3 +399,53 @@ class ExportConfig:
     checkpoint: str = "???"
     output: Optional[str] = None  # default: <checkpoint>/../hf-<checkpoint name>
 
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One dimension of a sweep's search space: a dotted key of the swept job's config."""
+
+    key: str = "???"  # e.g. optim.lr, schedule.name, schedule.warmup_steps
+    type: str = "choice"  # loguniform | uniform | randint (low..high inclusive) | choice
+    low: Optional[float] = None
+    high: Optional[float] = None
+    values: List[Any] = field(default_factory=list)  # choice: the candidates
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    # grid: every combination of the choice values (num_samples repeats of it);
+    # random: num_samples draws; optuna: num_samples trials proposed by Optuna's TPE
+    algorithm: str = "random"
+    num_samples: int = 4
+    seed: int = 0
+    space: List[SearchParam] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrialSchedulerConfig:
+    """How trials are cut short or forked; times are training steps."""
+
+    name: str = "asha"  # asha (early stopping) | pbt (population based training) | fifo (none)
+    grace_period: int = 10  # asha: steps before a trial can be stopped
+    reduction_factor: int = 2  # asha: keep the best 1/reduction_factor at each rung
+    perturbation_interval: int = 10  # pbt: steps between exploit/explore decisions
+    quantile_fraction: float = 0.25  # pbt: the bottom share copies the top share
+    resample_probability: float = 0.25  # pbt: resample a mutated value instead of perturbing it
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Ray Tune over the training function of a job (see ``jobs/sweep.py``)."""
+
+    name: str = "sweep"  # the experiment's name, and the W&B group of its trials
+    job: str = "pretrain"  # the job swept: pretrain | sft | reward | dpo
+    overrides: List[str] = field(default_factory=list)  # the job's config, Hydra syntax
+    metric: str = "val_loss"  # reported by the job at each evaluation
+    mode: str = "min"  # min | max
+    search: SearchConfig = field(default_factory=SearchConfig)
+    scheduler: TrialSchedulerConfig = field(default_factory=TrialSchedulerConfig)
+    concurrency: Optional[int] = None  # trials at once; None: as many as the cluster's CPUs fit
+    max_failures: int = 1  # retries of a failed trial (from its last checkpoint); then failed
+    output_dir: str = "outputs"  # <output_dir>/<name>/: trials, Tune state, results, plots
+    resume: bool = True  # restore an interrupted sweep of this name (Tuner.restore)

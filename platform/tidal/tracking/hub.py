@@ -13,6 +13,7 @@ class MetricsHub:
     def __init__(self) -> None:
         self._queue: List[Dict] = []
         self._attempts: List[Dict] = []
+        self._stop = False
 
     def push(self, record: Dict) -> None:
         if record.get("event") == "start":
@@ -33,3 +34,10 @@ class MetricsHub:
     def drain(self) -> List[Dict]:
         out, self._queue = self._queue, []
         return out
+
+    def request_stop(self) -> None:
+        """Ask the run to end early (at the next step, cleanly, releasing its workers)."""
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop

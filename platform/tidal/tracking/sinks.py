@@ -75,7 +75,8 @@ class WandbSink:
         if not os.environ.get("WANDB_MODE"):
             os.environ.pop("WANDB_MODE", None)  # an empty value is rejected by wandb itself
         try:
-            self.run = wandb.init(project=cfg.project, group=cfg.group, name=run_name, id=run_name,
+            self.run = wandb.init(project=cfg.project, group=cfg.group, name=cfg.run_id or run_name,
+                                  id=cfg.run_id or run_name,
                                   resume="allow", dir=run_dir, mode=mode, config=config,
                                   tags=list(cfg.tags), settings=wandb.Settings(silent=True))
         except Exception as e:  # tracking must never cost a training run

@@ -12,7 +12,7 @@ import statistics
 import threading
 import time
 from dataclasses import replace
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import yaml
 
@@ -155,12 +155,19 @@ def _use_gpu(cfg: PretrainConfig) -> bool:
 
 
 def _poll(hub, log: MetricsLog, wandb: WandbSink, bar: Progress, stop: threading.Event,
-          events: list) -> None:
+          events: list, on_record: Optional[Callable[[Dict], None]] = None,
+          cancel: Optional[threading.Event] = None) -> None:
     import ray
 
+    forwarded = False
     while True:
         finished = stop.is_set()
+        if cancel is not None and cancel.is_set() and not forwarded:
+            hub.request_stop.remote()
+            forwarded = True
         for rec in ray.get(hub.drain.remote()):
+            if on_record is not None:
+                on_record(rec)
             if "event" in rec:
                 events.append(rec)
                 kind = rec["event"]
@@ -279,8 +286,13 @@ def _post(cfg, log, objective: str) -> Dict:
     return run_training(cfg, log, objective=objective)
 
 
-def run_training(cfg, log=print, objective: str = "lm") -> Dict:
-    """Train ``cfg`` on Ray Train with ``objective`` and return the run summary."""
+def run_training(cfg, log=print, objective: str = "lm",
+                 on_record: Optional[Callable[[Dict], None]] = None,
+                 cancel: Optional[threading.Event] = None) -> Dict:
+    """Train ``cfg`` on Ray Train with ``objective`` and return the run summary.
+    ``on_record`` sees every step record and event as the driver receives it (a sweep
+    trial forwards them to Ray Tune); setting ``cancel`` ends the run cleanly at the next
+    step (its workers and their resources are released)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -334,7 +346,8 @@ def run_training(cfg, log=print, objective: str = "lm") -> Dict:
     wandb = WandbSink(cfg.logger, cfg.run.name, run_dir, config)
     bar = Progress(cfg.train.max_steps, cfg.logger.progress)
     stop, events = threading.Event(), []
-    poller = threading.Thread(target=_poll, args=(hub, metrics_log, wandb, bar, stop, events), daemon=True)
+    poller = threading.Thread(target=_poll, args=(hub, metrics_log, wandb, bar, stop, events, on_record,
+                                                  cancel), daemon=True)
     poller.start()
     t0 = time.time()
     result = None

@@ -238,6 +238,33 @@ def _choose_checkpoint(rank: int, world: int, run_dir: str, resume_from: Optiona
     return out
 
 
+class StopWatch:
+    """Whether the driver asked the run to stop (e.g. a sweep's scheduler cut the trial):
+    rank 0 polls the hub without blocking, and every rank learns the answer at the same
+    step (one tiny all-reduce per step on multi-worker runs)."""
+
+    def __init__(self, hub, rank: int, world: int, device: torch.device):
+        self.hub, self.rank, self.world, self.device = hub, rank, world, device
+        self.ref = None
+        self.asked = False
+
+    def __call__(self) -> bool:
+        import ray
+
+        if self.hub is not None and self.rank == 0 and not self.asked:
+            if self.ref is None:
+                self.ref = self.hub.stop_requested.remote()
+            ready, _ = ray.wait([self.ref], timeout=0)
+            if ready:
+                self.asked = bool(ray.get(self.ref))
+                self.ref = None
+        if not _distributed(self.world):
+            return self.asked
+        t = torch.tensor([1 if self.asked else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
 def _repeated_failure(hub, limit: int) -> Optional[str]:
     """When the last ``limit`` attempts of this run all died right after the same step."""
     import ray
@@ -324,7 +351,14 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     end = t.stop_at_step or t.max_steps
     rollbacks = 0
     answered = None  # the preemption notice already answered with a checkpoint
+    stop_asked = StopWatch(hub, rank, world, engine.device)
     while engine.step < end:
+        if stop_asked():
+            saver.wait()
+            if hub is not None and rank == 0:
+                hub.push.remote({"event": "stopped", "step": engine.step,
+                                 "reason": "the driver asked the run to stop"})
+            return
         nxt = engine.step + 1
         metrics = train_step(engine, list(loader.micro_batches(engine.cursor, rank, world,
                                                                t.micro_batch_size)),
