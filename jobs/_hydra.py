@@ -74,6 +74,8 @@ def precheck_overrides(schema: type, argv: list[str]) -> None:
         key = arg.split("=", 1)[0].lstrip("+~").replace("/", ".")  # data/curation=off: a group
         if key.startswith("hydra.") or key == "hydra":
             continue
+        if os.path.isdir(os.path.join(ROOT, "conf", key.replace(".", os.sep))):
+            continue  # a config group choice (model=tiny, sweep=pbt): Hydra checks the name
         allowed = allowed_keys(schema, key)
         if allowed is not None:
             import difflib

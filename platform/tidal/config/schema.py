@@ -414,7 +414,8 @@ class SearchParam:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    # grid: every combination of the choice values (num_samples repeats of it);
+    # grid: every combination of the choice values (num_samples repeats of it; other kinds
+    # are drawn at random for each);
     # random: num_samples draws; optuna: num_samples trials proposed by Optuna's TPE
     algorithm: str = "random"
     num_samples: int = 4

@@ -71,8 +71,8 @@ def run_sweep(sweep, base: Dict, log=print) -> Dict:
     exp_path = os.path.join(root, "tune", EXPERIMENT)
     restoring = tune.Tuner.can_restore(exp_path)
     if restoring and not sweep.resume:
-        raise ConfigError([f"sweep.name: '{sweep.name}' already has a sweep at {exp_path}; use "
-                           "another sweep.name, or sweep.resume=true to continue it"])
+        raise ConfigError([f"name: '{sweep.name}' already has a sweep at {exp_path}; use "
+                           "another name, or resume=true to continue it"])
     init_ray()
     # One prepared data set for every trial, made here before any trial starts.
     schema, validate, objective = JOBS[sweep.job]

@@ -78,40 +78,43 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
 
     p: List[str] = []
     if sweep.job not in JOBS:
-        return [f"sweep.job: '{sweep.job}' is not one of {', '.join(JOBS)}"]
+        return [f"job: '{sweep.job}' is not one of {', '.join(JOBS)}"]
     schema, validate, _ = JOBS[sweep.job]
+    if sweep.job != "pretrain" and not (base.get("model") or {}).get("pretrained"):
+        p.append(f"overrides: the {sweep.job} job starts from an HF model directory; add "
+                 "model.pretrained=<dir> (e.g. a pretraining run's hf/ export) to the overrides")
     metrics = job_metrics(sweep.job)
     if sweep.metric not in metrics:
-        p.append(f"sweep.metric: '{sweep.metric}' is not reported by the {sweep.job} job; "
+        p.append(f"metric: '{sweep.metric}' is not reported by the {sweep.job} job; "
                  f"it reports {', '.join(metrics)}")
     if sweep.mode not in ("min", "max"):
-        p.append(f"sweep.mode: '{sweep.mode}' is not one of min, max")
+        p.append(f"mode: '{sweep.mode}' is not one of min, max")
     s, sc = sweep.search, sweep.scheduler
     if s.algorithm not in ALGORITHMS:
-        p.append(f"sweep.search.algorithm: '{s.algorithm}' is not one of {', '.join(ALGORITHMS)}")
+        p.append(f"search.algorithm: '{s.algorithm}' is not one of {', '.join(ALGORITHMS)}")
     if s.num_samples < 1:
-        p.append(f"sweep.search.num_samples: must be >= 1, got {s.num_samples}")
+        p.append(f"search.num_samples: must be >= 1, got {s.num_samples}")
     if sc.name not in SCHEDULERS:
-        p.append(f"sweep.scheduler.name: '{sc.name}' is not one of {', '.join(SCHEDULERS)}")
+        p.append(f"scheduler.name: '{sc.name}' is not one of {', '.join(SCHEDULERS)}")
     if sc.name == "pbt" and s.algorithm == "optuna":
-        p.append("sweep.scheduler.name: pbt draws its first population itself; use "
-                 "sweep.search.algorithm=random or grid with it")
+        p.append("scheduler.name: pbt draws its first population itself; use "
+                 "search.algorithm=random or grid with it")
     for key, v, lo in (("grace_period", sc.grace_period, 1), ("reduction_factor", sc.reduction_factor, 2),
                        ("perturbation_interval", sc.perturbation_interval, 1)):
         if v < lo:
-            p.append(f"sweep.scheduler.{key}: must be >= {lo}, got {v}")
+            p.append(f"scheduler.{key}: must be >= {lo}, got {v}")
     if not 0 < sc.quantile_fraction <= 0.5:
-        p.append(f"sweep.scheduler.quantile_fraction: must be in (0, 0.5], got {sc.quantile_fraction}")
+        p.append(f"scheduler.quantile_fraction: must be in (0, 0.5], got {sc.quantile_fraction}")
     if sweep.concurrency is not None and sweep.concurrency < 1:
-        p.append(f"sweep.concurrency: must be >= 1 or null, got {sweep.concurrency}")
+        p.append(f"concurrency: must be >= 1 or null, got {sweep.concurrency}")
     if sweep.max_failures < 0:
-        p.append(f"sweep.max_failures: must be >= 0, got {sweep.max_failures}")
+        p.append(f"max_failures: must be >= 0, got {sweep.max_failures}")
     if not s.space:
-        p.append("sweep.search.space: empty; name at least one key to sweep, e.g. "
+        p.append("search.space: empty; name at least one key to sweep, e.g. "
                  "{key: optim.lr, type: loguniform, low: 1e-4, high: 1e-2} (presets: sweep=lr_schedule)")
     seen = set()
     for i, prm in enumerate(s.space):
-        where = f"sweep.search.space[{i}]"
+        where = f"search.space[{i}]"
         if prm.key in seen:
             p.append(f"{where}.key: '{prm.key}' appears twice")
         seen.add(prm.key)
@@ -135,8 +138,6 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
                 p.append(f"{where}: {prm.type} needs low < high, got low={prm.low} high={prm.high}")
             elif prm.type == "loguniform" and prm.low <= 0:
                 p.append(f"{where}.low: loguniform needs low > 0, got {prm.low}")
-            if s.algorithm == "grid":
-                p.append(f"{where}.type: grid search takes choice values only, got {prm.type}")
         registry = {"schedule.name": SCHEDULES, "optim.name": OPTIMIZERS}.get(prm.key)
         for v in prm.values if registry is not None else ():
             if v not in registry:
@@ -150,7 +151,7 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
             validate(from_dict(schema, trial_dict(base, sweep, corner)))
         except ConfigError as e:
             (key, value), = corner.items()
-            p += [f"sweep.search.space ({key}={value!r}): {msg}" for msg in e.problems]
+            p += [f"search.space ({key}={value!r}): {msg}" for msg in e.problems]
     return p
 
 

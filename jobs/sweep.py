@@ -1,0 +1,63 @@
+"""Sweep a job's hyperparameters (learning-rate schedules first) with Ray Tune: every trial
+is a normal run of that job with the trial's values, on its own Ray Train workers.
+
+    python jobs/sweep.py                                  # preset sweep=lr_schedule on pretraining
+    python jobs/sweep.py sweep=wsd search.num_samples=8   # WSD cooldown, Optuna proposals
+    python jobs/sweep.py sweep=pbt                        # population based training
+    python jobs/sweep.py job=sft 'overrides=[model.pretrained=outputs/<run>/hf]'
+    python jobs/sweep.py name=<an interrupted sweep>      # resumes it (Tuner.restore)
+    ray job submit --working-dir . -- python jobs/sweep.py name=lr1
+"""
+import sys
+
+import _hydra
+import hydra
+from omegaconf import OmegaConf
+
+from tidal.config import (ConfigError, DPOConfig, PretrainConfig, RewardConfig, SFTConfig,
+                          SweepConfig)
+
+_hydra.register("sweep_schema", SweepConfig)
+for _name, _schema in (("pretrain_schema", PretrainConfig), ("sft_schema", SFTConfig),
+                       ("reward_schema", RewardConfig), ("dpo_schema", DPOConfig)):
+    _hydra.register(_name, _schema)
+
+
+def job_config(sweep) -> dict:
+    """The swept job's own config (its conf/<job>.yaml with ``sweep.overrides``)."""
+    from hydra import compose
+
+    from tidal.sweep import JOBS
+
+    if sweep.job not in JOBS:
+        _hydra.fail(ConfigError([f"job: '{sweep.job}' is not one of {', '.join(JOBS)}"]))
+    _hydra.precheck_overrides(JOBS[sweep.job][0], list(sweep.overrides))
+    try:
+        composed = compose(config_name=sweep.job, overrides=list(sweep.overrides))
+    except Exception as e:  # noqa: BLE001 - Hydra's own composition errors
+        _hydra.fail(ConfigError([f"overrides: {e}"]))
+    data = OmegaConf.to_container(composed, resolve=True, throw_on_missing=True)
+    data.pop("hydra", None)
+    return data
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="sweep")
+def main(cfg) -> None:
+    sweep = _hydra.build(cfg, SweepConfig, lambda s: s)
+    base = job_config(sweep)
+    from tidal.sweep import check, run_sweep
+    from tidal.tracking.console import print_summary
+
+    problems = check(sweep, base)  # before any Ray work
+    if problems:
+        _hydra.fail(ConfigError(problems))
+    try:
+        summary = run_sweep(sweep, base)
+    except ConfigError as e:
+        _hydra.fail(e)
+    print_summary(f"sweep '{sweep.name}' finished", summary)
+
+
+if __name__ == "__main__":
+    _hydra.precheck_overrides(SweepConfig, sys.argv[1:])
+    main()
