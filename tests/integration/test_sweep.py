@@ -134,3 +134,61 @@ def test_pbt_exploited_trial_continues_from_the_donor_checkpoint(ray_local, out)
     assert mine["schedule"]["min_lr_ratio"] != donor["schedule"]["min_lr_ratio"]
     assert mine["optim"]["lr"] == pytest.approx(donor["optim"]["lr"]) or \
         mine["optim"]["lr"] in (3e-3, 1e-6)
+
+
+DRIVER = """
+import json, sys
+sys.path.insert(0, {root!r})
+from tests.integration.conftest import small_cfg
+from tidal.config import SweepConfig, from_dict, to_dict
+from tidal.sweep import run_sweep
+base = to_dict(small_cfg({out!r}, scaling={{"workers": 1}}, train={{"max_steps": 20, "eval_every": 5}}))
+sweep = from_dict(SweepConfig, {{"name": "resume", "output_dir": {out!r}, "concurrency": 1,
+    "search": {{"algorithm": "grid", "num_samples": 1, "space": [
+        {{"key": "optim.lr", "type": "choice", "values": [3e-3, 2e-3, 1e-3]}}]}},
+    "scheduler": {{"name": "fifo"}}}})
+print(json.dumps(run_sweep(sweep, base), default=str))
+"""
+
+
+def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_local, out):
+    import ray
+
+    script = os.path.join(str(out), "driver.py")
+    with open(script, "w") as f:
+        f.write(DRIVER.format(root=ROOT, out=str(out)))
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    trials = os.path.join(str(out), "resume", "trials")
+    first = subprocess.Popen([sys.executable, script], cwd=ROOT, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:  # the first trial done and the second under way
+            done = glob.glob(os.path.join(trials, "resume-*_00000", "run_card.md"))
+            second = glob.glob(os.path.join(trials, "resume-*_00001", "metrics.jsonl"))
+            if done and second and len(open(second[0]).readlines()) >= 6:
+                break
+            assert first.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the sweep did not get to its second trial")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver dies mid-sweep
+        first.wait()
+    (trial0,) = glob.glob(os.path.join(trials, "resume-*_00000"))
+    before = os.path.getmtime(os.path.join(trial0, "metrics.jsonl"))
+
+    p = subprocess.run([sys.executable, script], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["trials"] == 3 and summary["completed"] == 3, summary
+    # the finished trial was kept, not run again
+    assert os.path.getmtime(os.path.join(trial0, "metrics.jsonl")) == before
+    assert not glob.glob(trial0 + "-from*")
+    res = json.load(open(summary["results_json"]))
+    assert all(t["steps"] == 20 for t in res["trials"])
+    # the interrupted trial went on from a checkpoint rather than from step 0
+    runs = sorted(glob.glob(os.path.join(trials, "resume-*_00001*")))
+    starts = [e for r in runs for e in events(r) if e["event"] == "start"]
+    assert any(e["restored"] and e["step"] > 0 for e in starts), starts
