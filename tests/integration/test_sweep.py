@@ -192,3 +192,18 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_loc
     runs = sorted(glob.glob(os.path.join(trials, "resume-*_00001*")))
     starts = [e for r in runs for e in events(r) if e["event"] == "start"]
     assert any(e["restored"] and e["step"] > 0 for e in starts), starts
+
+
+def test_a_failed_trial_is_retried_or_marked_failed_and_the_sweep_goes_on(ray_local, out):
+    # kill@3: a lost worker once (the retry completes); crash@3: a failure on every attempt
+    space = [{"key": "train.inject_faults", "type": "choice", "values": [[], ["kill@3"], ["crash@3"]]}]
+    sweep = sweep_cfg(out, "retry", space, {"name": "fifo"}, max_failures=1)
+    s = run_sweep(sweep, base(out, max_steps=10))
+    trials = {tuple(t["train.inject_faults"]): t for t in json.load(open(s["results_json"]))["trials"]}
+    assert trials[()]["status"] == "completed" and trials[()]["steps"] == 10
+    killed = trials[("kill@3",)]
+    assert killed["status"] == "completed" and killed["steps"] == 10
+    run_dir = os.path.join(str(out), "retry", "trials", f"retry-{killed['trial']}")
+    assert glob.glob(os.path.join(run_dir, "faults", "*"))  # it did die once, then ran again
+    assert trials[("crash@3",)]["status"].startswith("failed")
+    assert s["completed"] == 2 and s["failed"] == 1

@@ -163,6 +163,12 @@ def test_job_mixture_entries_are_overridable_and_validated():
     ("reward.py", "model.lora.rank=4", "model.lora.rank: the reward job trains all weights"),
     ("pretrain.py", "model.lora.rank=4", "model.lora.rank: LoRA adapts a pretrained model"),
     ("dpo.py", "dpo.reference=cache", "dpo.reference: 'cache' is not one of batch, precompute"),
+    ("sweep.py", "search.space=[]", "search.space: empty; name at least one key to sweep"),
+    ("sweep.py", "sweep=grid search.space.1.values=[cosine,bogus]",
+     "search.space[1].values: 'bogus' is not a registered schedule; allowed: constant, cosine"),
+    ("sweep.py", "metric=val_accuracy", "metric: 'val_accuracy' is not reported by the pretrain job"),
+    ("sweep.py", "search.space.0.key=optim.lrate", "search.space[0].key: 'optim.lrate' is not a key"),
+    ("sweep.py", "job=dpo", "overrides: the dpo job starts from an HF model directory"),
 ])
 def test_post_training_jobs_reject_bad_input_before_ray_starts(job, override, expected):
     p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", job), *override.split()], cwd=ROOT,
