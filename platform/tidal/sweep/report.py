@@ -78,6 +78,7 @@ def _fmt_override(v) -> str:
 
 def table(rows: List[Dict], sweep) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"sweep '{sweep.name}': {len(rows)} trials of {sweep.job}, ranked by "
@@ -86,7 +87,7 @@ def table(rows: List[Dict], sweep) -> None:
     for col in ["#", "trial", *keys, f"best {sweep.metric}", "at step", "tokens seen", "status"]:
         t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(str(r["rank"]), r["trial"], *[_fmt(r.get(k, "")) for k in keys],
+        t.add_row(str(r["rank"]), r["trial"], *[escape(_fmt(r.get(k, ""))) for k in keys],
                   _fmt(r.get(f"best_{sweep.metric}", "-")), str(r.get("best_step", "-")),
                   f"{r.get('tokens_seen', 0):,}", r["status"],
                   style="bold green" if r["rank"] == 1 and "checkpoint" in r else None)

@@ -6,6 +6,7 @@ from typing import Dict
 
 def print_summary(title: str, summary: Dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, show_header=False, title_justify="left")
@@ -21,5 +22,5 @@ def print_summary(title: str, summary: Dict) -> None:
                 v = f"{v:,.1f}" if abs(v) >= 100 else f"{v:,.4f}"
         elif isinstance(v, int):
             v = f"{v:,}"
-        table.add_row(k.replace("_", " "), str(v))
+        table.add_row(k.replace("_", " "), escape(str(v)))  # paths and overrides hold [...]
     Console().print(table)
