@@ -146,9 +146,16 @@ def val_plot(rows: List[Dict], sweep, path: str) -> str:
                 zorder=3 if best else 2)
         if r["status"].startswith("stopped"):
             ax.plot(x[-1], y[-1], "kx", ms=8)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel(sweep.metric)
-    ax.set_title(f"sweep '{sweep.name}': {sweep.metric} per trial (x: stopped early)")
+    return _save(fig, ax, "tokens seen", sweep.metric,
+                 f"sweep '{sweep.name}': {sweep.metric} per trial (x: stopped early)", path)
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -176,15 +183,7 @@ def lr_plot(rows: List[Dict], sweep, base: Dict, path: str) -> str:
         ax.plot(steps, [lr_at(s, cfg.train.max_steps, cfg.optim.lr, cfg.schedule) for s in steps],
                 lw=2.6 if best else 1.0, color="tab:red" if best else None, alpha=1.0 if best else 0.6,
                 label=("best: " if best else "") + _label(r, sweep), zorder=3 if best else 2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.set_title(f"sweep '{sweep.name}': learning-rate schedules tried")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, "step", "learning rate", f"sweep '{sweep.name}': learning-rate schedules tried", path)
 
 
 def best_summary(rows: List[Dict], sweep) -> Optional[Dict]:

@@ -68,7 +68,7 @@ def _corners(sweep: SweepConfig) -> List[Dict[str, Any]]:
     for p in sweep.search.space:
         vals = list(p.values) if p.type == "choice" else [p.low, p.high]
         for v in vals:
-            out.append({p.key: v})
+            out.append({p.key: coerce(p, v)})
     return out
 
 
@@ -155,36 +155,25 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
     return p
 
 
+def _domain(p):
+    from ray import tune
+
+    if p.type == "loguniform":
+        return tune.loguniform(p.low, p.high)
+    if p.type == "uniform":
+        return tune.uniform(p.low, p.high)
+    return tune.randint(int(p.low), int(p.high) + 1)
+
+
 def tune_space(sweep: SweepConfig) -> Dict[str, Any]:
     """Ray Tune domains keyed by the dotted config keys."""
     from ray import tune
 
-    out = {}
-    for p in sweep.search.space:
-        if p.type == "choice":
-            out[p.key] = (tune.grid_search(list(p.values)) if sweep.search.algorithm == "grid"
-                          else tune.choice(list(p.values)))
-        elif p.type == "loguniform":
-            out[p.key] = tune.loguniform(p.low, p.high)
-        elif p.type == "uniform":
-            out[p.key] = tune.uniform(p.low, p.high)
-        else:
-            out[p.key] = tune.randint(int(p.low), int(p.high) + 1)
-    return out
+    grid = sweep.search.algorithm == "grid"
+    return {p.key: (tune.grid_search(list(p.values)) if grid else tune.choice(list(p.values)))
+            if p.type == "choice" else _domain(p) for p in sweep.search.space}
 
 
 def mutations(sweep: SweepConfig) -> Dict[str, Any]:
     """PBT's mutation space: continuous values are perturbed or resampled, choices resampled."""
-    from ray import tune
-
-    out = {}
-    for p in sweep.search.space:
-        if p.type == "choice":
-            out[p.key] = list(p.values)
-        elif p.type == "loguniform":
-            out[p.key] = tune.loguniform(p.low, p.high)
-        elif p.type == "uniform":
-            out[p.key] = tune.uniform(p.low, p.high)
-        else:
-            out[p.key] = tune.randint(int(p.low), int(p.high) + 1)
-    return out
+    return {p.key: list(p.values) if p.type == "choice" else _domain(p) for p in sweep.search.space}
