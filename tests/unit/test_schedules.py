@@ -78,3 +78,13 @@ def test_one_cycle():
 def test_peak_lr_scales():
     assert lr_at(50, TOTAL, 3e-4, ScheduleConfig("cosine", 10, 0.1)) == pytest.approx(
         3e-4 * lr_at(50, TOTAL, 1.0, ScheduleConfig("cosine", 10, 0.1)))
+
+
+def test_warmup_fraction_replaces_warmup_steps():
+    from tidal.config import ScheduleConfig
+    from tidal.optim import lr_at
+
+    frac = ScheduleConfig(name="cosine", warmup_steps=3, warmup_fraction=0.1)
+    steps = ScheduleConfig(name="cosine", warmup_steps=10)
+    assert [lr_at(s, 100, 1.0, frac) for s in range(100)] == [lr_at(s, 100, 1.0, steps) for s in range(100)]
+    assert lr_at(4, 100, 1.0, frac) == 0.5  # still warming up at step 4 of 10

@@ -189,6 +189,8 @@ class ScheduleConfig:
 
     name: str = "cosine"
     warmup_steps: int = 20
+    # a share of train.max_steps instead (e.g. 0.05); when set it replaces warmup_steps
+    warmup_fraction: Optional[float] = None
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # WSD: share of training spent in the final decay
     power: float = 1.0  # polynomial decay exponent

@@ -202,6 +202,9 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         p.append(f"schedule.name: '{s.name}' is not one of {', '.join(sorted(SCHEDULES))}")
     _check(p, 0 <= s.warmup_steps <= t.max_steps, "schedule.warmup_steps",
            f"in [0, train.max_steps={t.max_steps}]", s.warmup_steps)
+    if s.warmup_fraction is not None:
+        _check(p, 0 <= s.warmup_fraction < 1, "schedule.warmup_fraction", "in [0, 1) or null",
+               s.warmup_fraction)
     _check(p, 0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "in [0, 1]", s.min_lr_ratio)
     _check(p, 0 < s.decay_fraction <= 1, "schedule.decay_fraction", "in (0, 1]", s.decay_fraction)
     _check(p, s.power > 0, "schedule.power", "> 0", s.power)

@@ -7,6 +7,7 @@ sees exactly the LR an uninterrupted one would.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 from tidal.config.schema import ScheduleConfig
@@ -85,4 +86,6 @@ def one_cycle(step: int, total: int, cfg: ScheduleConfig) -> float:
 
 def lr_at(step: int, total: int, peak_lr: float, cfg: ScheduleConfig) -> float:
     """The learning rate for optimizer step ``step`` (0-based) of ``total``."""
+    if cfg.warmup_fraction is not None:  # warmup as a share of the run
+        cfg = replace(cfg, warmup_steps=round(cfg.warmup_fraction * total))
     return peak_lr * SCHEDULES.get_or_raise(cfg.name)(step, total, cfg)

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 from tidal.config import from_dict
 from tidal.sweep.space import JOBS, coerce, trial_dict
 
-PLOT_KEYS = ("schedule.name", "optim.lr", "schedule.warmup_steps")
+PLOT_KEYS = ("schedule.name", "optim.lr", "schedule.warmup_steps", "schedule.warmup_fraction")
 
 
 def _fmt(v) -> str:
