@@ -52,3 +52,15 @@ def test_metrics_follow_the_job():
     assert "val_bpb" in job_metrics("pretrain") and "val_accuracy" not in job_metrics("pretrain")
     assert {"val_accuracy", "val_margin", "val_kl", "accuracy"} <= set(job_metrics("dpo"))
     assert "val_accuracy" in job_metrics("reward") and "val_kl" not in job_metrics("reward")
+
+
+def test_pbt_perturbations_stay_inside_the_ranges():
+    from tidal.sweep.runner import clip
+
+    s = sweep([{"key": "schedule.min_lr_ratio", "type": "uniform", "low": 0.0, "high": 0.3},
+               {"key": "schedule.warmup_steps", "type": "randint", "low": 0, "high": 10},
+               {"key": "schedule.name", "type": "choice", "values": ["cosine"]}])
+    out = clip(s, {"schedule.min_lr_ratio": 0.36, "schedule.warmup_steps": 4.8, "schedule.name": "cosine"})
+    assert out == {"schedule.min_lr_ratio": 0.3, "schedule.warmup_steps": 5, "schedule.name": "cosine"}
+    remote = sweep([{"key": "optim.lr", "type": "choice", "values": [1e-3]}], output_dir="s3://b/sweeps")
+    assert check(remote, BASE)[0].startswith("output_dir: 's3://b/sweeps'")

@@ -16,16 +16,23 @@ import torch
 from tidal.config.schema import LoRAConfig
 
 
+def _module_name(model: torch.nn.Module, module) -> Optional[str]:
+    for name, m in model.named_modules():
+        if m is module and name:
+            return name.rsplit(".", 1)[-1]
+    return None
+
+
 def peft_config(cfg: LoRAConfig, head: str, new_tokens: List[int], tied: bool,
-                base_path: Optional[str]):
+                base_path: Optional[str], names=("embed_tokens", "lm_head")):
     from peft import LoraConfig
 
     targets = cfg.target_modules
     trainable_tokens = None
     if new_tokens:
-        trainable_tokens = {"embed_tokens": list(new_tokens)}
-        if head == "lm" and not tied:
-            trainable_tokens["lm_head"] = list(new_tokens)
+        trainable_tokens = {names[0]: list(new_tokens)}
+        if head == "lm" and not tied and names[1]:
+            trainable_tokens[names[1]] = list(new_tokens)
     return LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
         target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
@@ -40,12 +47,16 @@ def wrap(model: torch.nn.Module, cfg: LoRAConfig, head: str = "lm",
     from peft import get_peft_model
 
     out = model.get_output_embeddings()
-    tied = out is not None and out.weight is model.get_input_embeddings().weight
-    conf = peft_config(cfg, head, list(new_tokens or []), tied, base_path)
+    emb = model.get_input_embeddings()
+    tied = out is not None and out.weight is emb.weight
+    names = (_module_name(model, emb), _module_name(model, out) if out is not None else None)
+    conf = peft_config(cfg, head, list(new_tokens or []), tied, base_path, names)
     try:
         return get_peft_model(model, conf)
     except ValueError as e:  # e.g. target modules that match nothing
-        raise ValueError(f"model.lora.target_modules={list(cfg.target_modules)}: {e}") from e
+        what = (f"model.lora.target_modules={list(cfg.target_modules)}"
+                + (f" (and the rows of the {len(new_tokens)} added tokens in {names})" if new_tokens else ""))
+        raise ValueError(f"{what}: {e}") from e
 
 
 def is_peft(model: torch.nn.Module) -> bool:
@@ -77,12 +88,15 @@ class AdaptersOff:
 
     def __call__(self, *args, **kwargs):
         before = [layer._disable_adapters for layer in self.layers]
+        training = self.model.training
         for layer in self.layers:
             layer._disable_adapters = True
+        self.model.eval()  # like the frozen reference copy: no dropout
         try:
             with torch.no_grad():
                 return self.model(*args, **kwargs)
         finally:
+            self.model.train(training)
             for layer, flag in zip(self.layers, before):
                 layer._disable_adapters = flag
 

@@ -119,6 +119,18 @@ def shift_targets(labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Ten
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
+# Model families whose forward returns the output head's result untouched (others scale or
+# soft-cap the logits after the head: Gemma2/3, Cohere, Granite ...).
+PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _plain_head(model, head) -> bool:
+    config = getattr(model, "config", None)
+    return (type(head) is torch.nn.Linear and head.bias is None
+            and getattr(config, "model_type", None) in PLAIN_HEAD_MODELS
+            and not getattr(config, "final_logit_softcapping", None))
+
+
 def model_token_logprobs(model, targets: torch.Tensor, chunk_size: int = 1024,
                          ignore_index: int = IGNORE, **inputs) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(logp, entropy)`` of ``targets`` (``[B, L]``, already shifted, see
@@ -126,9 +138,10 @@ def model_token_logprobs(model, targets: torch.Tensor, chunk_size: int = 1024,
     full logits: for this call the output head's forward is the chunked projection. It runs
     inside the model's own forward, so under FSDP2 the head's weight is the gathered one and
     its gradient is reduced like any other. Heads that are not a plain bias-free linear layer
-    (e.g. one wrapped by an adapter) fall back to full logits."""
+    (e.g. one wrapped by an adapter), and model families that transform the logits after
+    the head (see ``PLAIN_HEAD_MODELS``), fall back to full logits."""
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.bias is not None:
+    if not _plain_head(model, head):
         logits = model(**inputs).logits
         logp_all = torch.log_softmax(logits.float(), dim=-1)
         logp = logp_all.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)

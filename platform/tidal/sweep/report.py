@@ -44,12 +44,12 @@ def collect(grid, sweep, base: Dict) -> List[Dict]:
             ckpt = None
             try:
                 found = result.get_best_checkpoint(sweep.metric, sweep.mode)
-            except Exception:  # noqa: BLE001 - e.g. no checkpoint kept
-                found = None
-            if found is not None:
-                with found.as_directory() as local:
-                    with open(os.path.join(local, POINTER)) as f:
-                        ckpt = json.load(f)["checkpoint"]
+                if found is not None:
+                    with found.as_directory() as local:
+                        with open(os.path.join(local, POINTER)) as f:
+                            ckpt = json.load(f)["checkpoint"]
+            except Exception:  # noqa: BLE001 - e.g. none kept, or unreadable from here
+                ckpt = None
             row["checkpoint"] = ckpt
         if result.error is not None:
             row["status"] = f"failed: {type(result.error).__name__}"

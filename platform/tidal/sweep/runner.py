@@ -44,8 +44,19 @@ def _scheduler(sweep, max_steps: int):
                                        hyperparam_mutations=mutations(sweep),
                                        quantile_fraction=s.quantile_fraction,
                                        resample_probability=s.resample_probability,
+                                       custom_explore_fn=lambda config: clip(sweep, config),
                                        synch=False)
     return FIFOScheduler()
+
+
+def clip(sweep, config: Dict) -> Dict:
+    """PBT perturbs by x0.8/x1.2 without bounds: keep every value inside its range (the
+    space was validated at its corners), randint values whole."""
+    for p in sweep.search.space:
+        if p.type != "choice" and p.key in config:
+            v = min(max(config[p.key], p.low), p.high)
+            config[p.key] = int(round(v)) if p.type == "randint" else v
+    return config
 
 
 def _concurrency(sweep, base: Dict) -> int:
@@ -55,8 +66,12 @@ def _concurrency(sweep, base: Dict) -> int:
 
     if sweep.concurrency:
         return sweep.concurrency
-    per_trial = worker_bounds(base["scaling"]["workers"])[1] * base["scaling"]["cpus_per_worker"]
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    workers = worker_bounds(base["scaling"]["workers"])[1]
+    res = ray.cluster_resources()
+    fit = int(res.get("CPU", 1) // (workers * base["scaling"]["cpus_per_worker"]))
+    if base["scaling"]["use_gpu"] or (base["scaling"]["use_gpu"] is None and res.get("GPU", 0) > 0):
+        fit = min(fit, int(res.get("GPU", 0) // workers))  # one GPU per worker
+    return max(1, fit)
 
 
 def run_sweep(sweep, base: Dict, log=print) -> Dict:

@@ -107,6 +107,9 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
         p.append(f"scheduler.quantile_fraction: must be in (0, 0.5], got {sc.quantile_fraction}")
     if sweep.concurrency is not None and sweep.concurrency < 1:
         p.append(f"concurrency: must be >= 1 or null, got {sweep.concurrency}")
+    if "://" in sweep.output_dir:
+        p.append(f"output_dir: '{sweep.output_dir}': a sweep keeps its Tune state and trials on a "
+                 "file system path; on several nodes use a directory every node mounts (NFS)")
     if sweep.max_failures < 0:
         p.append(f"max_failures: must be >= 0, got {sweep.max_failures}")
     if not s.space:

@@ -322,6 +322,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             objective.table = _precomputed_reference(cfg, engine, objective.reference, loader,
                                                      run_dir, config["manifest_hash"], hub)
             objective.reference = None  # frees the frozen copy for the whole run
+            import gc
+
+            gc.collect()  # FSDP2's state holds reference cycles
+            if engine.device.type == "cuda":
+                torch.cuda.empty_cache()
     val = manifest["counts"]["val"]
     bytes_per_token = val["bytes"] / val["tokens"] if val.get("bytes") else None
     tok_dir = tokenizer_path(manifest, data_dir)

@@ -41,6 +41,9 @@ class ReferenceTable:
         """``[B, 4]`` float64 for a batch of pair samples (``[B, 4, L]``)."""
         out = []
         for row in batch.cpu().numpy():
+            if not row.any():  # a zero-weight padding sample (a rank without val samples)
+                out.append((0.0, 0.0, 0.0, 0.0))
+                continue
             hit = self.rows.get(sample_key(row))
             if hit is None:
                 raise KeyError("a pair sample is missing from the precomputed reference "
@@ -88,6 +91,8 @@ def compute(reference, loader, rank: int, world: int, micro: int, device: torch.
 
 
 def save(root: str, table: Dict, meta: Dict) -> None:
+    if tio.exists(tio.join(root, META)):  # never let an old marker vouch for new arrays
+        tio.remove(tio.join(root, META))
     keys = np.frombuffer(b"".join(table), dtype=np.uint8).reshape(len(table), 12)
     vals = np.asarray(list(table.values()), dtype=np.float64).reshape(len(table), 4)
     tio.save_npy(tio.join(root, "keys.npy"), keys)
