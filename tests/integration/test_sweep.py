@@ -109,22 +109,28 @@ def test_asha_stops_the_worst_trials_and_reports_the_best(ray_local, out):
 def test_pbt_exploited_trial_continues_from_the_donor_checkpoint(ray_local, out):
     space = [{"key": "optim.lr", "type": "choice", "values": [3e-3, 1e-6]},
              {"key": "schedule.min_lr_ratio", "type": "uniform", "low": 0.0, "high": 0.3}]
-    sweep = sweep_cfg(out, "pbt", space, {"name": "pbt", "perturbation_interval": 5,
+    # synch: the population is judged together at step 10, so the exploit always happens
+    sweep = sweep_cfg(out, "pbt", space, {"name": "pbt", "perturbation_interval": 10, "synch": True,
                                           "quantile_fraction": 0.5, "resample_probability": 0.0})
     s = run_sweep(sweep, base(out))
     trials = json.load(open(s["results_json"]))["trials"]
-    forks = [h for t in trials for h in t["history"] if "-from" in h["run_name"]]
+    # runs that started from a checkpoint: a trial paused and resumed (its own checkpoint)
+    # or exploited (another trial's); the latter must be there
+    forks = []
+    for t in trials:
+        for sub in dict.fromkeys(h["run_name"] for h in t["history"] if "-from" in h["run_name"]):
+            run_dir = os.path.join(str(out), "pbt", "trials", sub)
+            start = [e for e in events(run_dir) if e["event"] == "start"][0]
+            donor_run = start["checkpoint"].rsplit("/", 2)[-2]
+            if not donor_run.startswith(f"pbt-{t['trial']}"):
+                forks.append((sub, run_dir, start))
     assert forks, [[h["run_name"] for h in t["history"]] for t in trials]
-    sub = forks[0]["run_name"]
+    sub, run_dir, start = forks[0]
     donor_step = int(sub.split("-from")[1].split("-")[0])
     assert donor_step >= 5
-    run_dir = os.path.join(str(out), "pbt", "trials", sub)
-    start = [e for e in events(run_dir) if e["event"] == "start"][0]
     # the new run started at the donor's step, from the donor's checkpoint, not from zero
     assert start["step"] == donor_step and start["restored"]
     assert start["checkpoint"].endswith(f"checkpoint_{donor_step:07d}")
-    donor_run = start["checkpoint"].rsplit("/", 2)[-2]
-    assert not sub.startswith(donor_run + "-")  # another trial's checkpoint
     assert records(run_dir)[0]["step"] == donor_step + 1
     # with a mutated schedule: the donor's values perturbed
     import yaml
@@ -207,3 +213,19 @@ def test_a_failed_trial_is_retried_or_marked_failed_and_the_sweep_goes_on(ray_lo
     assert glob.glob(os.path.join(run_dir, "faults", "*"))  # it did die once, then ran again
     assert trials[("crash@3",)]["status"].startswith("failed")
     assert s["completed"] == 2 and s["failed"] == 1
+
+
+def test_optuna_proposes_trials_inside_the_space(ray_local, out):
+    space = [{"key": "optim.lr", "type": "loguniform", "low": 1e-3, "high": 5e-3},
+             {"key": "schedule.name", "type": "choice", "values": ["cosine", "wsd"]},
+             {"key": "schedule.decay_fraction", "type": "uniform", "low": 0.1, "high": 0.5}]
+    sweep = from_dict(SweepConfig, {"name": "optuna", "output_dir": str(out), "concurrency": 2,
+                                    "search": {"algorithm": "optuna", "num_samples": 3, "seed": 1,
+                                               "space": space},
+                                    "scheduler": {"name": "fifo"}})
+    s = run_sweep(sweep, base(out, max_steps=10))
+    trials = json.load(open(s["results_json"]))["trials"]
+    assert s["completed"] == 3 and len({t["optim.lr"] for t in trials}) == 3
+    for t in trials:
+        assert 1e-3 <= t["optim.lr"] <= 5e-3 and t["schedule.name"] in ("cosine", "wsd")
+        assert 0.1 <= t["schedule.decay_fraction"] <= 0.5 and t["steps"] == 10

@@ -435,6 +435,7 @@ class TrialSchedulerConfig:
     perturbation_interval: int = 10  # pbt: steps between exploit/explore decisions
     quantile_fraction: float = 0.25  # pbt: the bottom share copies the top share
     resample_probability: float = 0.25  # pbt: resample a mutated value instead of perturbing it
+    synch: bool = False  # pbt: decide for the whole population at each interval (waits for the slowest)
 
 
 @dataclass(frozen=True)

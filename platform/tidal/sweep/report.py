@@ -20,6 +20,20 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _history(result):
+    """Every report of a trial: Tune's progress.csv keeps them across pauses and restores
+    (its result.json, behind ``metrics_dataframe``, restarts with each restore)."""
+    import pandas as pd
+
+    path = os.path.join(result.path, "progress.csv")
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        try:
+            return pd.read_csv(path)
+        except Exception:  # noqa: BLE001 - fall back to Tune's own view
+            pass
+    return result.metrics_dataframe
+
+
 def collect(grid, sweep, base: Dict) -> List[Dict]:
     """One row per trial: its values, best metric, progress, status and best checkpoint."""
     from tidal.sweep.trial import POINTER
@@ -28,7 +42,7 @@ def collect(grid, sweep, base: Dict) -> List[Dict]:
     max_steps = base["train"]["max_steps"]
     rows = []
     for result in grid:
-        df = result.metrics_dataframe
+        df = _history(result)
         hist = [] if df is None or sweep.metric not in df else \
             df[[c for c in ("step", "tokens_seen", sweep.metric, "run_name", "trial_id") if c in df]].to_dict("records")
         hist = [h for h in hist if h.get(sweep.metric) is not None and not math.isnan(h[sweep.metric])]

@@ -45,7 +45,7 @@ def _scheduler(sweep, max_steps: int):
                                        quantile_fraction=s.quantile_fraction,
                                        resample_probability=s.resample_probability,
                                        custom_explore_fn=lambda config: clip(sweep, config),
-                                       synch=False)
+                                       synch=s.synch)
     return FIFOScheduler()
 
 

@@ -74,15 +74,21 @@ class WandbSink:
 
         if not os.environ.get("WANDB_MODE"):
             os.environ.pop("WANDB_MODE", None)  # an empty value is rejected by wandb itself
-        try:
-            self.run = wandb.init(project=cfg.project, group=cfg.group, name=cfg.run_id or run_name,
-                                  id=cfg.run_id or run_name,
-                                  resume="allow", dir=run_dir, mode=mode, config=config,
-                                  tags=list(cfg.tags), settings=wandb.Settings(silent=True))
-        except Exception as e:  # tracking must never cost a training run
-            print(f"warning: W&B disabled for this run: {type(e).__name__}: {e}")
-            self.run = None
-            return
+        ids = [cfg.run_id or run_name] + ([run_name] if cfg.run_id and cfg.run_id != run_name else [])
+        for i, run_id in enumerate(ids):
+            try:
+                self.run = wandb.init(project=cfg.project, group=cfg.group, name=run_id, id=run_id,
+                                      resume="allow", dir=run_dir, mode=mode, config=config,
+                                      tags=list(cfg.tags), settings=wandb.Settings(silent=True))
+                break
+            except Exception as e:  # tracking must never cost a training run
+                if i + 1 < len(ids):  # e.g. the shared id still held by a run that just ended
+                    print(f"warning: W&B run id {run_id} unavailable ({type(e).__name__}: {e}); "
+                          f"logging this run as {ids[i + 1]} in group {cfg.group}")
+                    continue
+                print(f"warning: W&B disabled for this run: {type(e).__name__}: {e}")
+                self.run = None
+                return
         # Steps go on the x-axis as a metric, not W&B's own monotonic counter: steps replayed
         # after a restart from a checkpoint are then logged instead of dropped.
         self.run.define_metric("step")
