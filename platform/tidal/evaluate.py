@@ -42,19 +42,27 @@ def _val(data_dir: str, max_samples: int):
     return manifest, val.take(np.arange(n))
 
 
+def _token_sums(rows: np.ndarray, batch: int, forward):
+    """Summed next-token loss, correct argmax predictions and labelled-token count over
+    ``rows`` in batches; ``forward(batch)`` gives ``(logits, labels)`` aligned."""
+    loss_sum = correct = tokens = 0.0
+    for i in range(0, len(rows), batch):
+        logits, labels = forward(torch.from_numpy(rows[i:i + batch]))
+        logits = logits.float()
+        mask = labels != IGNORE
+        loss_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                    ignore_index=IGNORE, reduction="sum").item()
+        correct += ((logits.argmax(-1) == labels) & mask).sum().item()
+        tokens += mask.sum().item()
+    return loss_sum, correct, tokens
+
+
 @torch.no_grad()
 def lm_metrics(model, data_dir: str, max_samples: int = 64, batch: int = 8) -> Dict[str, float]:
     """Loss, perplexity, bits per byte and next-token accuracy on the validation split."""
     manifest, samples = _val(data_dir, max_samples)
-    loss_sum = correct = tokens = 0.0
-    for i in range(0, len(samples), batch):
-        t = torch.from_numpy(samples[i:i + batch])
-        logits = model(input_ids=t[:, :-1]).logits.float()
-        labels = t[:, 1:]
-        loss_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                    reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        tokens += labels.numel()
+    loss_sum, correct, tokens = _token_sums(
+        samples, batch, lambda t: (model(input_ids=t[:, :-1]).logits, t[:, 1:]))
     loss = loss_sum / max(tokens, 1)
     out = {"loss": loss, "ppl": math.exp(min(loss, 50)), "token_accuracy": correct / max(tokens, 1),
            "samples": len(samples)}
@@ -68,16 +76,9 @@ def lm_metrics(model, data_dir: str, max_samples: int = 64, batch: int = 8) -> D
 def sft_metrics(model, data_dir: str, max_samples: int = 64, batch: int = 8) -> Dict[str, float]:
     """Response-token loss and accuracy on held-out instruction rows ``[ids, labels, pos]``."""
     _, rows = _val(data_dir, max_samples)
-    loss_sum = correct = tokens = 0.0
-    for i in range(0, len(rows), batch):
-        b = torch.from_numpy(rows[i:i + batch])
-        logits = model(input_ids=b[:, 0], position_ids=b[:, 2], use_cache=False).logits[:, :-1].float()
-        labels = b[:, 1, 1:]
-        mask = labels != IGNORE
-        loss_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                    ignore_index=IGNORE, reduction="sum").item()
-        correct += ((logits.argmax(-1) == labels) & mask).sum().item()
-        tokens += mask.sum().item()
+    loss_sum, correct, tokens = _token_sums(
+        rows, batch, lambda b: (model(input_ids=b[:, 0], position_ids=b[:, 2], use_cache=False).logits[:, :-1],
+                                b[:, 1, 1:]))
     return {"loss": loss_sum / max(tokens, 1), "token_accuracy": correct / max(tokens, 1),
             "examples_rows": len(rows)}
 
