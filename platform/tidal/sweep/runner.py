@@ -78,7 +78,7 @@ def run_sweep(sweep, base: Dict, log=print) -> Dict:
     """Run (or resume) the sweep and return its summary; results under ``sweep_dir``."""
     from ray import tune
 
-    from tidal.train.launch import ensure_data, ensure_post_data, init_ray
+    from tidal.train.launch import ensure_job_data, init_ray
 
     base = prepare_base(sweep, base)
     root = sweep_dir(sweep)
@@ -93,10 +93,7 @@ def run_sweep(sweep, base: Dict, log=print) -> Dict:
     schema, validate, objective = JOBS[sweep.job]
     cfg = from_dict(schema, base)
     storage = cfg.run.storage_path or cfg.run.output_dir
-    if objective == "lm":
-        data_dir, _ = ensure_data(cfg.data, storage, log)
-    else:
-        data_dir, _ = ensure_post_data(cfg, storage, "sft" if objective == "sft" else "pairs", log)
+    data_dir, _ = ensure_job_data(cfg, storage, objective, log)
     log(f"data for every trial: {data_dir}")
 
     # the trial itself only waits on its run; the CPUs are held by that run's Ray Train workers

@@ -259,6 +259,13 @@ def ensure_post_data(cfg, root: str, kind: str, log=print) -> tuple[str, Dict]:
     return data_dir, manifest
 
 
+def ensure_job_data(cfg, storage: str, objective: str, log=print) -> tuple[str, Dict]:
+    """The prepared data an objective trains on: a pretraining corpus, SFT rows or pairs."""
+    if objective == "lm":
+        return ensure_data(cfg.data, storage, log)
+    return ensure_post_data(cfg, storage, "sft" if objective == "sft" else "pairs", log)
+
+
 def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
     """Pretrain ``cfg`` on Ray Train and return the run summary."""
     return run_training(cfg, log, objective="lm")
@@ -310,10 +317,7 @@ def run_training(cfg, log=print, objective: str = "lm",
     init_ray()
     # Prepared data sits beside the checkpoints, so that every node reaches it when the
     # storage is shared (s3://, gs://, NFS).
-    if objective != "lm":
-        data_dir, manifest = ensure_post_data(cfg, storage, "sft" if objective == "sft" else "pairs", log)
-    else:
-        data_dir, manifest = ensure_data(cfg.data, storage, log)
+    data_dir, manifest = ensure_job_data(cfg, storage, objective, log)
     run_dir = os.path.join(root, cfg.run.name)
     os.makedirs(run_dir, exist_ok=True)
     lora = cfg.model.lora
