@@ -92,6 +92,12 @@ def fail(err: ConfigError) -> typing.NoReturn:
     sys.exit(2)
 
 
+def fail_line(err: BaseException, code: int = 2) -> typing.NoReturn:
+    """Refused input found after composition (a file, a checkpoint): one clear line."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(code)
+
+
 def build(cfg: DictConfig, schema: type, validate) -> typing.Any:
     """Composed Hydra config -> frozen dataclasses, validated; exits 2 on bad input."""
     data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -400,6 +400,9 @@ class ExportConfig:
 
     checkpoint: str = "???"
     output: Optional[str] = None  # default: <checkpoint>/../hf-<checkpoint name>
+    # replace an output directory that is not a tidal export (its files are moved aside to
+    # <output>.replaced-<time>, never deleted); a previous tidal export is always replaceable
+    overwrite: bool = False
 
 
 

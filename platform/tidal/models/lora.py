@@ -121,32 +121,26 @@ def plain_peft(config, state, adapter_conf):
 
 
 def write_peft(model, tokenizer_dir: str, adapter_dest: Optional[str],
-               merged_dest: Optional[str]) -> None:
+               merged_dest: Optional[str], overwrite: bool = False) -> None:
     """A single-process ``PeftModel`` as the PEFT adapter directory (adapter weights, config
     naming the base, tokenizer) at ``adapter_dest`` and as an HF directory of the base with
-    the adapters merged in at ``merged_dest`` (either may be None)."""
-    import shutil
-    import tempfile
-
+    the adapters merged in at ``merged_dest`` (either may be None); each is published whole
+    with its completion marker (``tidal.train.publish``)."""
     from transformers import AutoTokenizer
 
-    from tidal.data import io as tio
     from tidal.train.export import write_hf
+    from tidal.train.publish import check_destination, publish
 
+    for dest in (adapter_dest, merged_dest):  # both refused before either is written
+        if dest:
+            check_destination(dest, overwrite)
     if adapter_dest:
-        cloud = tio.is_cloud(adapter_dest)
-        # written beside the destination and swapped in: never a partial directory
-        local = tempfile.mkdtemp(prefix="tidal-adapter-") if cloud else f"{adapter_dest}.tmp{os.getpid()}"
-        shutil.rmtree(local, ignore_errors=True)
-        model.save_pretrained(local)
-        AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True).save_pretrained(local)
-        if cloud:
-            tio.upload_dir(local, adapter_dest)
-            shutil.rmtree(local, ignore_errors=True)
-        else:
-            shutil.rmtree(adapter_dest, ignore_errors=True)
-            os.replace(local, adapter_dest)
+        def write(local: str) -> None:
+            model.save_pretrained(local)
+            AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True).save_pretrained(local)
+
+        publish(adapter_dest, write, overwrite=overwrite, source={"kind": "peft-adapter"})
     if merged_dest:
         merged = model.merge_and_unload()
         merged.tie_weights()
-        write_hf(merged, tokenizer_dir, merged_dest)
+        write_hf(merged, tokenizer_dir, merged_dest, overwrite)

@@ -3,7 +3,8 @@
 A checkpoint directory holds the DCP shards of the model and optimizer (each rank writes
 its own ``__<rank>_0.distcp``; rank 0 the ``.metadata``), ``trainer_state.json`` (step,
 loader cursor, tokens seen, world size, fingerprints) and per-rank RNG states. Everything
-loads with ``weights_only`` semantics: tensors, numbers and JSON, never pickled objects.
+loads with ``weights_only`` semantics (``safe_dcp``): tensors, numbers and JSON, never
+pickled objects; callers verify the commit record first (``integrity``).
 DCP reshards on load, so a checkpoint written by N workers loads into M.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from tidal.train import safe_dcp
 from tidal.train.engine import Engine
 
 STATE_FILE = "trainer_state.json"
@@ -80,7 +82,7 @@ def load(engine: Engine, path: str) -> Dict:
     """Restore model, optimizer, counters and (when the rank existed) RNG from ``path``."""
     model_sd, optim_sd = _model_optim_state(engine)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    safe_dcp.load(state, path)
     set_state_dict(engine.model, engine.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=not engine.extra.get("lora")))

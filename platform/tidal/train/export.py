@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Dict, Optional
 
 import torch
@@ -37,29 +35,23 @@ def _plain_model(config, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
     return model
 
 
-def write_hf(model: torch.nn.Module, tokenizer_dir: str, dest: str) -> str:
-    """Write ``model`` and its tokenizer as an HF directory at ``dest`` (local or cloud)."""
+def write_hf(model: torch.nn.Module, tokenizer_dir: str, dest: str, overwrite: bool = False,
+             source: Optional[Dict] = None) -> str:
+    """Write ``model`` and its tokenizer as an HF directory at ``dest`` (local or cloud),
+    published whole with its completion marker (``tidal.train.publish``)."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    from tidal.train.publish import publish
+
     tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    # Written beside the destination, then swapped in: a crash never leaves a partial
-    # directory under the final name.
-    local = f"{dest}.tmp{os.getpid()}" if not tio.is_cloud(dest) else tempfile.mkdtemp(prefix="tidal-hf-")
-    shutil.rmtree(local, ignore_errors=True)
-    model.save_pretrained(local, safe_serialization=True)
-    tok.save_pretrained(local)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id).save_pretrained(local)
-    if tio.is_cloud(dest):
-        tio.upload_dir(local, dest)
-        shutil.rmtree(local)
-    else:
-        old = f"{dest}.old{os.getpid()}"
-        if os.path.isdir(dest):
-            os.replace(dest, old)
-        os.replace(local, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    return dest
+
+    def write(local: str) -> None:
+        model.save_pretrained(local, safe_serialization=True)
+        tok.save_pretrained(local)
+        GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id).save_pretrained(local)
+
+    return publish(dest, write, overwrite=overwrite, source=source)
 
 
 def export_hf(model: torch.nn.Module, rank: int, tokenizer_dir: str, dest: Optional[str],
@@ -79,36 +71,43 @@ def export_hf(model: torch.nn.Module, rank: int, tokenizer_dir: str, dest: Optio
         write_hf(_plain_model(model.config, full), tokenizer_dir, dest)
 
 
-def export_checkpoint(checkpoint_dir: str, dest: str) -> str:
-    """Convert a (sharded, any world size) tidal checkpoint to an HF directory, in this process."""
-    import torch.distributed.checkpoint as dcp
+def export_checkpoint(checkpoint_dir: str, dest: str, overwrite: bool = False) -> str:
+    """Convert a (sharded, any world size) tidal checkpoint to an HF directory, in this
+    process. The checkpoint is verified (commit record, digests, signature) before anything
+    in it is read; a destination an export may not replace is refused before any work."""
     from transformers import AutoConfig
 
+    from tidal.train import integrity, safe_dcp
     from tidal.train.checkpoint import HF_META
 
+    from tidal.train.publish import check_destination
+
+    integrity.require_valid(checkpoint_dir)  # nothing is read from it before this
+    check_destination(dest, overwrite)
     checkpoint_dir = tio.local_dir(checkpoint_dir)  # a checkpoint on s3:// / gs:// is fetched
     meta = os.path.join(checkpoint_dir, HF_META)
     config = AutoConfig.from_pretrained(meta, local_files_only=True)
     with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
         run_cfg = json.load(f).get("config", {})
     if run_cfg.get("model", {}).get("lora", {}).get("rank"):
-        return _export_lora_checkpoint(checkpoint_dir, meta, config, run_cfg, dest)
+        check_destination(f"{dest}-adapter", overwrite)
+        return _export_lora_checkpoint(checkpoint_dir, meta, config, run_cfg, dest, overwrite)
     model = _auto_class(config).from_config(config, dtype=torch.float32)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint_dir)  # reads only the model's entries
+    safe_dcp.load(state, checkpoint_dir)  # reads only the model's entries
     model.load_state_dict(state["model"])
     model.tie_weights()
     model.config.use_cache = True
-    return write_hf(model, meta, dest)
+    return write_hf(model, meta, dest, overwrite, source={"checkpoint": checkpoint_dir})
 
 
-def _export_lora_checkpoint(checkpoint_dir: str, meta: str, config, run_cfg: Dict, dest: str) -> str:
+def _export_lora_checkpoint(checkpoint_dir: str, meta: str, config, run_cfg: Dict, dest: str,
+                            overwrite: bool) -> str:
     """A LoRA checkpoint holds only the adapters: rebuild the base from the run's
     ``model.pretrained``, load the adapters, write ``<dest>`` (merged) and ``<dest>-adapter``."""
-    import torch.distributed.checkpoint as dcp
-
     from tidal.config import ModelConfig, from_dict
     from tidal.models import build_model, lora
+    from tidal.train import safe_dcp
 
     mc = from_dict(ModelConfig, run_cfg["model"])
     if not mc.pretrained or not os.path.isdir(os.path.expanduser(mc.pretrained)):
@@ -120,7 +119,7 @@ def _export_lora_checkpoint(checkpoint_dir: str, meta: str, config, run_cfg: Dic
     model = lora.wrap(base, mc.lora, head, getattr(base, "tidal_new_tokens", []), mc.pretrained)
     keep = lora.trainable_names(model)
     state = {"model": {k: v for k, v in model.state_dict().items() if k in keep}}
-    dcp.load(state, checkpoint_id=checkpoint_dir)
+    safe_dcp.load(state, checkpoint_dir)
     model.load_state_dict(state["model"], strict=False)
-    lora.write_peft(model, meta, f"{dest}-adapter", dest)
+    lora.write_peft(model, meta, f"{dest}-adapter", dest, overwrite)
     return dest

@@ -6,10 +6,16 @@ into ``COMMITTED.json``, written last and atomically. A directory without the ma
 a save that never finished (a crash, a preemption, a killed worker); a file whose size or
 digest differs from the marker is a damaged one. Resuming walks the run's checkpoints from
 newest to oldest and loads the first that verifies, reporting every one it skips.
+
+With ``TIDAL_CHECKPOINT_KEY`` set (on the driver and every worker), the marker is signed
+(HMAC-SHA256 over its canonical JSON, which lists every file's digest), and an unsigned or
+mismatched marker is refused: whoever can write to the storage but does not hold the key
+cannot make tidal load a checkpoint of theirs.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -22,6 +28,20 @@ COMMIT = "COMMITTED.json"
 RANK_DIR = "integrity"
 CKPT_RE = re.compile(r"^checkpoint_(\d+)$")
 CHUNK = 8 << 20
+KEY_ENV = "TIDAL_CHECKPOINT_KEY"
+# what a resume or an export reads: a marker that does not cover these vouches for nothing
+REQUIRED = (".metadata", "trainer_state.json")
+
+
+def signing_key() -> Optional[bytes]:
+    key = os.environ.get(KEY_ENV)
+    return key.encode() if key else None
+
+
+def _signature(marker: Dict, key: bytes) -> str:
+    body = {k: v for k, v in marker.items() if k != "signature"}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, blob, hashlib.sha256).hexdigest()
 
 
 def checkpoint_name(step: int) -> str:
@@ -65,6 +85,9 @@ def commit(ckpt_dir: str, world: int, step: int, extra: Optional[Dict] = None) -
             files[rel] = info
     marker = {"step": step, "world_size": world, "committed_at": time.time(), "files": files,
               **(extra or {})}
+    key = signing_key()
+    if key is not None:
+        marker["signature"] = {"alg": "hmac-sha256", "value": _signature(marker, key)}
     tio.write_bytes(tio.join(ckpt_dir, COMMIT), json.dumps(marker, indent=1, sort_keys=True).encode())
     return marker
 
@@ -78,8 +101,21 @@ def verify(ckpt_dir: str, full: bool = True) -> List[str]:
         return [f"no {COMMIT} (the save never finished)"]
     except (OSError, ValueError) as e:
         return [f"unreadable {COMMIT}: {e}"]
-    problems = []
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        return [f"{COMMIT} is not a commit record"]
+    key = signing_key()
+    if key is not None:
+        sig = marker.get("signature")
+        if not isinstance(sig, dict) or "value" not in sig:
+            return [f"{COMMIT} is not signed and {KEY_ENV} is set: unsigned checkpoints are refused"]
+        if not hmac.compare_digest(str(sig["value"]), _signature(marker, key)):
+            return [f"{COMMIT}: signature does not match {KEY_ENV} (tampered with, or signed "
+                    "with another key)"]
+    problems = [f"{COMMIT} does not cover {name}" for name in REQUIRED if name not in marker["files"]]
     for rel, info in sorted(marker.get("files", {}).items()):
+        if not _safe_rel(rel):
+            problems.append(f"{rel}: not a path inside the checkpoint")
+            continue
         path = tio.join(ckpt_dir, *rel.split("/"))
         size = tio.file_size(path)
         if size is None:
@@ -91,6 +127,20 @@ def verify(ckpt_dir: str, full: bool = True) -> List[str]:
     if not marker.get("files"):
         problems.append(f"{COMMIT} lists no files")
     return problems
+
+
+def _safe_rel(rel: str) -> bool:
+    parts = rel.split("/")
+    return bool(rel) and not rel.startswith("/") and ".." not in parts and "" not in parts
+
+
+def require_valid(ckpt_dir: str, what: str = "checkpoint") -> None:
+    """Raise ValueError unless ``ckpt_dir`` is committed, intact (every digest) and, with a
+    key set, signed: checked before anything in it is loaded."""
+    problems = verify(ckpt_dir, full=True)
+    if problems:
+        raise ValueError(f"{what}: {ckpt_dir} is not a committed, intact checkpoint: "
+                         + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
 def list_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
