@@ -6,7 +6,6 @@ reports rewards, margins, preference accuracy and the KL to the reference.
     python jobs/dpo.py --cfg job                   # print the resolved config
     ray job submit --working-dir . -- python jobs/dpo.py model.pretrained=/path/to/hf
 """
-import sys
 from dataclasses import replace
 
 import _hydra
@@ -22,19 +21,16 @@ _hydra.register("dpo_schema", DPOConfig)
 def main(cfg) -> None:
     config = _hydra.build(cfg, DPOConfig, validate_pairs)  # fails before Ray starts
     from tidal.tracking.console import print_summary
-    from tidal.train.launch import RunStopped, run_dpo
+    from tidal.train.launch import run_dpo
 
     if not config.model.pretrained:
         config = replace(config, model=replace(config.model, pretrained=latest_export(config.run.output_dir)))
+        config = _hydra.revalidate(config, validate_pairs)
         print(f"starting from {config.model.pretrained}")
-    try:
+    with _hydra.reported(_hydra.run_dir(config)):
         summary = run_dpo(config)
-    except RunStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
     print_summary("DPO finished", summary)
 
 
 if __name__ == "__main__":
-    _hydra.precheck_overrides(DPOConfig, sys.argv[1:])
-    main()
+    _hydra.run(main, DPOConfig)

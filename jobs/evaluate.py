@@ -8,7 +8,6 @@ for a fixed prompt list with the model's chat template. Results: a console table
 """
 import json
 import os
-import sys
 
 import _hydra
 import hydra
@@ -29,7 +28,8 @@ def main(cfg) -> None:
     model = os.path.abspath(os.path.expanduser(config.model_dir))
     out = config.output or os.path.join(os.path.dirname(model), f"eval-{os.path.basename(model)}")
     os.makedirs(out, exist_ok=True)
-    results = evaluate(config)
+    with _hydra.reported(out):
+        results = evaluate(config)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(out, "samples.jsonl"), "w") as f:
@@ -45,5 +45,4 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    _hydra.precheck_overrides(EvalConfig, sys.argv[1:])
-    main()
+    _hydra.run(main, EvalConfig)

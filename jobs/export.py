@@ -6,7 +6,6 @@ The checkpoint is verified before anything in it is read; an output directory ho
 anything but a previous tidal export is refused unless overwrite=true.
 """
 import os
-import sys
 
 import _hydra
 import hydra
@@ -43,5 +42,4 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    _hydra.precheck_overrides(ExportConfig, sys.argv[1:])
-    main()
+    _hydra.run(main, ExportConfig)

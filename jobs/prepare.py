@@ -3,8 +3,6 @@
     python jobs/prepare.py data=tinyshakespeare
     python jobs/prepare.py data.sources='[/path/a.jsonl,s3://bucket/dir/]' data.text_field=content
 """
-import sys
-
 import _hydra
 import hydra
 
@@ -20,9 +18,10 @@ def main(cfg) -> None:
     from tidal.tracking.console import print_summary
     from tidal.train.launch import init_ray
 
-    init_ray()
     out = default_output_dir(config.data, config.run.output_dir)
-    manifest = prepare(config.data, out)
+    with _hydra.reported(out):
+        init_ray()
+        manifest = prepare(config.data, out)
     c = manifest["counts"]
     print_summary("data prepared", {
         "output": out, "documents": c["documents"], "malformed": sum(c["malformed"].values()),
@@ -31,5 +30,4 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    _hydra.precheck_overrides(PrepareConfig, sys.argv[1:])
-    main()
+    _hydra.run(main, PrepareConfig)

@@ -4,8 +4,6 @@
     python jobs/pretrain.py --cfg job             # print the resolved config
     ray job submit --working-dir . -- python jobs/pretrain.py model=tiny optim.lr=1e-3
 """
-import sys
-
 import _hydra
 import hydra
 
@@ -18,21 +16,12 @@ _hydra.register("pretrain_schema", PretrainConfig)
 def main(cfg) -> None:
     config = _hydra.build(cfg, PretrainConfig, validate_pretrain)  # fails before Ray starts
     from tidal.tracking.console import print_summary
-    from tidal.train.launch import RunStopped, run_pretrain
+    from tidal.train.launch import run_pretrain
 
-    try:
+    with _hydra.reported(_hydra.run_dir(config)):  # one clear line on failure, traceback in the run
         summary = run_pretrain(config)
-    except RunStopped as e:  # the run stopped itself (divergence, a repeating failure)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except ValueError as e:  # e.g. resuming with a config that changes the checkpoint's meaning
-        if "run.allow_changes" not in str(e) and "run.resume_from" not in str(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print_summary("pretraining finished", summary)
 
 
 if __name__ == "__main__":
-    _hydra.precheck_overrides(PretrainConfig, sys.argv[1:])
-    main()
+    _hydra.run(main, PretrainConfig)

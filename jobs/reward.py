@@ -6,7 +6,6 @@ held-out split and exports an ``AutoModelForSequenceClassification`` directory.
     python jobs/reward.py --cfg job                   # print the resolved config
     ray job submit --working-dir . -- python jobs/reward.py model.pretrained=/path/to/hf
 """
-import sys
 from dataclasses import replace
 
 import _hydra
@@ -22,19 +21,16 @@ _hydra.register("reward_schema", RewardConfig)
 def main(cfg) -> None:
     config = _hydra.build(cfg, RewardConfig, validate_pairs)  # fails before Ray starts
     from tidal.tracking.console import print_summary
-    from tidal.train.launch import RunStopped, run_reward
+    from tidal.train.launch import run_reward
 
     if not config.model.pretrained:
         config = replace(config, model=replace(config.model, pretrained=latest_export(config.run.output_dir)))
+        config = _hydra.revalidate(config, validate_pairs)
         print(f"starting from {config.model.pretrained}")
-    try:
+    with _hydra.reported(_hydra.run_dir(config)):
         summary = run_reward(config)
-    except RunStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
     print_summary("reward model finished", summary)
 
 
 if __name__ == "__main__":
-    _hydra.precheck_overrides(RewardConfig, sys.argv[1:])
-    main()
+    _hydra.run(main, RewardConfig)

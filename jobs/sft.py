@@ -20,42 +20,46 @@ _hydra.register("sft_schema", SFTConfig)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def complete_exports(pattern: str) -> list:
+    """HF exports matching ``pattern`` (``<dir>/hf``) that are complete (their completion
+    marker written and every file there), oldest first."""
+    from tidal.train.publish import MARKER, check_readable
+
+    found = [os.path.dirname(m) for m in glob.glob(os.path.join(pattern, MARKER))]
+    return sorted((d for d in found if not check_readable(d)), key=lambda d: os.path.getmtime(os.path.join(d, MARKER)))
+
+
 def main_model(output_dir: str) -> str:
-    """The newest main-job HF export under ``output_dir``; pretrains one first if none."""
-    found = sorted(glob.glob(os.path.join(output_dir, "pretrain-*", "hf", "config.json")),
-                   key=os.path.getmtime)
+    """The newest complete main-job HF export under ``output_dir``; pretrains one first if none."""
+    found = complete_exports(os.path.join(output_dir, "pretrain-*", "hf"))
     if not found:
         print(f"no pretrained model under {output_dir}: running jobs/pretrain.py first", flush=True)
         subprocess.run([sys.executable, os.path.join(HERE, "pretrain.py"), f"run.output_dir={output_dir}"],
                        check=True)
-        found = sorted(glob.glob(os.path.join(output_dir, "pretrain-*", "hf", "config.json")),
-                       key=os.path.getmtime)
-    return os.path.dirname(found[-1])
+        found = complete_exports(os.path.join(output_dir, "pretrain-*", "hf"))
+    return found[-1]
 
 
 def latest_export(output_dir: str) -> str:
-    """For reward modelling and DPO: the newest SFT export, else the main job's model."""
-    found = sorted(glob.glob(os.path.join(output_dir, "sft-*", "hf", "config.json")), key=os.path.getmtime)
-    return os.path.dirname(found[-1]) if found else main_model(output_dir)
+    """For reward modelling and DPO: the newest complete SFT export, else the main job's model."""
+    found = complete_exports(os.path.join(output_dir, "sft-*", "hf"))
+    return found[-1] if found else main_model(output_dir)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="sft")
 def main(cfg) -> None:
     config = _hydra.build(cfg, SFTConfig, validate_sft)  # fails before Ray starts
     from tidal.tracking.console import print_summary
-    from tidal.train.launch import RunStopped, run_sft
+    from tidal.train.launch import run_sft
 
     if not config.model.pretrained:
         config = replace(config, model=replace(config.model, pretrained=main_model(config.run.output_dir)))
+        config = _hydra.revalidate(config, validate_sft)
         print(f"starting from {config.model.pretrained}")
-    try:
+    with _hydra.reported(_hydra.run_dir(config)):
         summary = run_sft(config)
-    except RunStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
     print_summary("SFT finished", summary)
 
 
 if __name__ == "__main__":
-    _hydra.precheck_overrides(SFTConfig, sys.argv[1:])
-    main()
+    _hydra.run(main, SFTConfig)

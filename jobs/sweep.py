@@ -8,8 +8,6 @@ is a normal run of that job with the trial's values, on its own Ray Train worker
     python jobs/sweep.py name=<an interrupted sweep>      # resumes it (Tuner.restore)
     ray job submit --working-dir . -- python jobs/sweep.py name=lr1
 """
-import sys
-
 import _hydra
 import hydra
 from omegaconf import OmegaConf
@@ -51,13 +49,12 @@ def main(cfg) -> None:
     problems = check(sweep, base)  # before any Ray work
     if problems:
         _hydra.fail(ConfigError(problems))
-    try:
+    from tidal.sweep.runner import sweep_dir
+
+    with _hydra.reported(sweep_dir(sweep)):
         summary = run_sweep(sweep, base)
-    except ConfigError as e:
-        _hydra.fail(e)
     print_summary(f"sweep '{sweep.name}' finished", summary)
 
 
 if __name__ == "__main__":
-    _hydra.precheck_overrides(SweepConfig, sys.argv[1:])
-    main()
+    _hydra.run(main, SweepConfig)

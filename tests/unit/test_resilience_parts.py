@@ -24,6 +24,7 @@ def _fake_checkpoint(run_dir, step, files, world=2, commit=True, config=None):
         mine = {f"__{rank}_0.distcp": files.get(rank, b"x" * (100 + rank))}
         if rank == 0:
             mine["trainer_state.json"] = json.dumps({"step": step, "config": config or {}}).encode()
+            mine[".metadata"] = b"dcp metadata"
         for name, data in mine.items():
             with open(os.path.join(staging, name), "wb") as f:
                 f.write(data)
@@ -40,7 +41,7 @@ def test_commit_verify_and_damage(tmp_path):
     good = _fake_checkpoint(run, 10, {0: os.urandom(4096), 1: os.urandom(4096)})
     assert integrity.verify(good) == []
     marker = json.load(open(os.path.join(good, integrity.COMMIT)))
-    assert set(marker["files"]) == {"__0_0.distcp", "__1_0.distcp", "trainer_state.json"}
+    assert set(marker["files"]) == {"__0_0.distcp", "__1_0.distcp", "trainer_state.json", ".metadata"}
     assert marker["world_size"] == 2 and marker["step"] == 10
 
     shard = os.path.join(good, "__1_0.distcp")

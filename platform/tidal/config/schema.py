@@ -59,6 +59,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # pretraining a `pretrained` model on text from another tokenizer is refused unless set
+    allow_tokenizer_mismatch: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,10 +207,14 @@ class ScalingConfig:
     cpus_per_worker: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False
-    max_failures: int = 0  # Ray Train FailureConfig retries
+    max_failures: int = 3  # Ray Train FailureConfig retries after a lost worker; -1: forever
     same_step_failures: int = 2  # stop (with a report) when this many attempts in a row die at one step; 0: never
     resize_check_s: float = 60.0  # elastic: how often Ray Train looks for capacity to grow into
     preemption_check_every: int = 10  # steps between Ray Train preemption checks (a barrier); 0: off
+    # how long a run waits for the cluster to offer its minimum workers (an autoscaler adding
+    # nodes) before failing with what it asked for and what exists; a local runtime that can
+    # never hold them fails at once
+    start_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -219,7 +225,8 @@ class LoggerConfig:
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     run_id: Optional[str] = None  # W&B run id; default run.name (a sweep trial keeps one across restarts)
-    progress: bool = True  # live progress bar on the driver
+    progress: bool = True  # live progress bar on the driver (a terminal), else plain lines
+    progress_every: int = 10  # steps between plain progress lines when stdout is not a terminal
 
 
 @dataclass(frozen=True)
@@ -262,6 +269,11 @@ class RunConfig:
     # Config keys (or sections, e.g. "optim") allowed to differ from the checkpoint's when
     # resuming; any other change to what the checkpoint means is refused. "*": allow all.
     allow_changes: List[str] = field(default_factory=list)
+    # A run holds a lease in its storage while a driver runs it: a second driver on the same
+    # name is refused. A lease whose heartbeat is older than this is taken over (so is one
+    # whose driver process is gone on this host); take_over=true takes a live one.
+    lease_stale_s: float = 120.0
+    take_over: bool = False
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,23 @@ ALLOWED = {
 }
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_name(problems: List[str], key: str, value) -> None:
+    """Names that become directory names: no path separators, no '..', nothing absolute."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
+        problems.append(f"{key}: '{value}' must be letters, digits, '.', '_' or '-' (it names a "
+                        "directory: no '/', no '..')")
+
+
+def check_credentials(problems: List[str], cfg) -> None:
+    from tidal.config.convert import to_dict
+    from tidal.config.redact import credential_problems
+
+    problems.extend(credential_problems(to_dict(cfg)))
+
+
 def _choice(problems: List[str], key: str, value: str) -> None:
     if value not in ALLOWED[key]:
         problems.append(f"{key}: '{value}' is not one of {', '.join(ALLOWED[key])}")
@@ -50,7 +67,87 @@ def _check_sources(sources, key: str, problems: List[str]) -> None:
             problems.append(f"{key}[{i}]: path '{src}' does not exist")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def tokenizer_problems(path: str, key: str) -> List[str]:
+    """Problems with a directory that must hold a loadable tokenizer."""
+    local = os.path.expanduser(path)
+    if not os.path.isdir(local):
+        return [f"{key}: directory '{path}' does not exist"]
+    try:
+        from tidal.data.tokenizer import load
+
+        load(local)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, named for the user
+        return [f"{key}: '{path}' holds no loadable tokenizer (tokenizer.json or "
+                f"tokenizer_config.json with its vocabulary): {_first_line(e)}"]
+    return []
+
+
+def check_pretrained(cfg, p: List[str]) -> None:
+    """``model.pretrained`` must be a complete model directory: a loadable config and
+    tokenizer (not an unfinished tidal export), positions for ``data.seq_len``, an even
+    head dimension; corpus pretraining must use the model's own tokenizer."""
+    m = cfg.model
+    local = os.path.expanduser(m.pretrained)
+    if not os.path.isdir(local):
+        p.append(f"model.pretrained: directory '{m.pretrained}' does not exist")
+        return
+    from tidal.train.publish import check_readable
+
+    bad = check_readable(local)
+    if bad:
+        p.append(f"model.pretrained: '{m.pretrained}' is not a complete export: {'; '.join(bad[:3])}")
+        return
+    try:
+        from transformers import AutoConfig
+
+        conf = AutoConfig.from_pretrained(local, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        p.append(f"model.pretrained: '{m.pretrained}' holds no loadable model config (config.json): "
+                 f"{_first_line(e)}")
+        return
+    tok_bad = tokenizer_problems(local, "model.pretrained")
+    p.extend(tok_bad)
+    max_pos = getattr(conf, "max_position_embeddings", None)
+    if max_pos and cfg.data.seq_len > max_pos:
+        p.append(f"data.seq_len: {cfg.data.seq_len} is longer than model.pretrained's maximum "
+                 f"positions ({max_pos}); allowed: <= {max_pos}")
+    heads, hidden = getattr(conf, "num_attention_heads", None), getattr(conf, "hidden_size", None)
+    head_dim = getattr(conf, "head_dim", None) or (hidden / heads if heads and hidden else None)
+    if head_dim is not None and (head_dim != int(head_dim) or int(head_dim) % 2):
+        p.append(f"model.pretrained: head dimension {head_dim} (hidden_size / num_attention_heads) "
+                 "must be an even integer (rotary embeddings rotate pairs of dimensions)")
+    if isinstance(cfg.data, DataConfig) and not tok_bad and not m.allow_tokenizer_mismatch:
+        _check_same_tokenizer(cfg, local, p)
+
+
+def _check_same_tokenizer(cfg, model_dir: str, p: List[str]) -> None:
+    """Pretraining a pretrained model on text tokenized by another tokenizer scrambles
+    what every embedding row means."""
+    path = cfg.data.tokenizer.path
+    fix = (f"set data.tokenizer.path={cfg.model.pretrained} (the model's own tokenizer), or "
+           "model.allow_tokenizer_mismatch=true to continue with a new vocabulary on purpose")
+    if path is None:
+        p.append(f"data.tokenizer.path: empty, so a new BPE tokenizer would be trained for a "
+                 f"pretrained model whose embeddings belong to its own; {fix}")
+        return
+    from tidal.data.tokenizer import load
+
+    try:
+        same = load(os.path.expanduser(path)).get_vocab() == load(model_dir).get_vocab()
+    except Exception:  # noqa: BLE001 - reported by the tokenizer check itself
+        return
+    if not same:
+        p.append(f"data.tokenizer.path: '{path}' has another vocabulary than model.pretrained's "
+                 f"tokenizer; {fix}")
+
+
 def check_data(d: DataConfig, problems: List[str]) -> None:
+    check_name(problems, "data.name", d.name)
     if not d.mixture:
         _check_sources(d.sources, "data.sources", problems)
     names = [m.name for m in d.mixture]
@@ -65,6 +162,7 @@ def check_data(d: DataConfig, problems: List[str]) -> None:
             problems.append(f"{key}.format: '{m.format}' is not one of {', '.join(ALLOWED['data.format'])}")
         if names.count(m.name) > 1:
             problems.append(f"{key}.name: '{m.name}' is used by more than one source")
+        check_name(problems, f"{key}.name", m.name)
     from tidal.data.curriculum import SCORERS
 
     if d.curriculum.score is not None and d.curriculum.score not in SCORERS:
@@ -81,8 +179,8 @@ def check_data(d: DataConfig, problems: List[str]) -> None:
     _check(problems, d.min_chars >= 1, "data.min_chars", ">= 1", d.min_chars)
     _check_curation(d, problems)
     t = d.tokenizer
-    if t.path is not None and not os.path.isdir(os.path.expanduser(t.path)):
-        problems.append(f"data.tokenizer.path: directory '{t.path}' does not exist")
+    if t.path is not None:
+        problems.extend(tokenizer_problems(t.path, "data.tokenizer.path"))
     _check(problems, 256 < t.vocab_size <= 1_000_000, "data.tokenizer.vocab_size",
            "in (256, 1000000] (byte-level BPE needs the 256 bytes plus merges)", t.vocab_size)
 
@@ -112,6 +210,7 @@ def _check_curation(d: DataConfig, p: List[str]) -> None:
 
 def check_post_data(d, p: List[str], embedded: str) -> None:
     """Instruction (SFT) or preference-pair data: sources, lengths, split, limit."""
+    check_name(p, "data.name", d.name)
     if not d.sources:
         p.append(f"data.sources: empty; allowed: {embedded}, files, directories, globs, s3:// or gs:// URIs")
     for i, src in enumerate(d.sources):
@@ -172,12 +271,16 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         if kind == "RewardConfig":
             p.append("model.lora.rank: the reward job trains all weights; LoRA is for sft and dpo "
                      "(use model.lora.rank=0)")
-    if m.pretrained is not None and not os.path.isdir(os.path.expanduser(m.pretrained)):
-        p.append(f"model.pretrained: directory '{m.pretrained}' does not exist")
+    if m.pretrained is not None:
+        check_pretrained(cfg, p)
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
         _check(p, getattr(m, key) >= 1, f"model.{key}", ">= 1", getattr(m, key))
     if m.num_heads >= 1 and m.hidden_size % m.num_heads:
         p.append(f"model.hidden_size: {m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
+    elif m.pretrained is None and m.num_heads >= 1 and (m.hidden_size // m.num_heads) % 2:
+        p.append(f"model.hidden_size: the head dimension {m.hidden_size} / {m.num_heads} = "
+                 f"{m.hidden_size // m.num_heads} must be even (rotary embeddings rotate pairs of "
+                 "dimensions)")
     if m.num_kv_heads >= 1 and m.num_heads % m.num_kv_heads:
         p.append(f"model.num_heads: {m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
     _check(p, m.max_position_embeddings >= cfg.data.seq_len, "model.max_position_embeddings",
@@ -234,13 +337,22 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
            f"in [1, train.guard.window={g.window}]", g.min_history)
     _check(p, g.max_rollbacks >= 0, "train.guard.max_rollbacks", ">= 0", g.max_rollbacks)
     try:
-        parse_faults(t.inject_faults)
+        faults = parse_faults(t.inject_faults)
     except ValueError as e:
         p.append(str(e))
+    else:
+        kills = sum(f.kind in ("kill", "kill_in_save") for f in faults)
+        if sc.max_failures != -1 and kills > sc.max_failures:
+            p.append(f"train.inject_faults: {kills} worker kill(s) need as many retries, but "
+                     f"scaling.max_failures={sc.max_failures}; raise scaling.max_failures to at "
+                     f"least {kills} (or -1) so the drill can recover")
     _check(p, sc.cpus_per_worker >= 1, "scaling.cpus_per_worker", ">= 1", sc.cpus_per_worker)
     _check(p, sc.max_failures >= -1, "scaling.max_failures", ">= -1 (-1: retry forever)", sc.max_failures)
     _choice(p, "scaling.precision", sc.precision)
     _choice(p, "logger.wandb_mode", cfg.logger.wandb_mode)
+    _check(p, cfg.logger.progress_every >= 1, "logger.progress_every", ">= 1", cfg.logger.progress_every)
+    _check(p, sc.start_timeout_s >= 0, "scaling.start_timeout_s", ">= 0 (0: fail at once when the "
+           "workers cannot be placed now)", sc.start_timeout_s)
 
     _check(p, t.max_steps >= 1, "train.max_steps", ">= 1", t.max_steps)
     if t.stop_at_step is not None:
@@ -262,9 +374,15 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
             samples = t.global_batch_tokens // cfg.data.seq_len
             per_step = lo * t.micro_batch_size
             if samples % per_step:
+                fits = [k for k in range(1, samples // lo + 1) if samples % (lo * k) == 0] \
+                    if samples % lo == 0 else []
+                lower = (f"lower train.micro_batch_size to {max(k for k in fits if k < t.micro_batch_size)} "
+                         f"(any of {', '.join(map(str, fits))} divides the {samples // lo} sequences "
+                         f"each of the {lo} workers gets), or " if any(k < t.micro_batch_size for k in fits)
+                         else "")
                 p.append(f"train.global_batch_tokens: {samples} sequences per step are not divisible "
-                         f"by scaling.workers x train.micro_batch_size = {per_step}; allowed: a "
-                         f"multiple of {per_step * cfg.data.seq_len} tokens")
+                         f"by scaling.workers x train.micro_batch_size = {per_step}; {lower}make "
+                         f"train.global_batch_tokens a multiple of {per_step * cfg.data.seq_len} tokens")
         elif lo >= 1:  # elastic: the global batch stays fixed, so every size must split it
             samples = t.global_batch_tokens // cfg.data.seq_len
             bad = [w for w in range(lo, hi + 1) if samples % w]
@@ -274,14 +392,15 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
                          f"evenly over {', '.join(map(str, bad))} workers (scaling.workers={sc.workers}); "
                          f"allowed: a multiple of {step * cfg.data.seq_len} tokens")
     _check_run(r, p)
+    check_credentials(p, cfg)
     if p:
         raise ConfigError(p)
     return cfg
 
 
 def _check_run(r, p: List[str]) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name or ""):
-        p.append(f"run.name: '{r.name}' must be letters, digits, '.', '_' or '-'")
+    check_name(p, "run.name", r.name)
+    _check(p, r.lease_stale_s > 0, "run.lease_stale_s", "> 0", r.lease_stale_s)
     if r.resume_from is not None and not r.resume_from.startswith(_CLOUD) \
             and not os.path.isdir(os.path.expanduser(r.resume_from)):
         p.append(f"run.resume_from: checkpoint directory '{r.resume_from}' does not exist")
@@ -291,12 +410,17 @@ def validate_prepare(cfg: PrepareConfig) -> PrepareConfig:
     p: List[str] = []
     check_data(cfg.data, p)
     _check_run(cfg.run, p)
+    check_credentials(p, cfg)
     if p:
         raise ConfigError(p)
     return cfg
 
 
 def validate_export(cfg: ExportConfig) -> ExportConfig:
+    creds: List[str] = []
+    check_credentials(creds, cfg)
+    if creds:
+        raise ConfigError(creds)
     if cfg.checkpoint.startswith(_CLOUD):
         return cfg  # checked when fetched
     path = os.path.expanduser(cfg.checkpoint)
@@ -311,6 +435,15 @@ def validate_export(cfg: ExportConfig) -> ExportConfig:
 
 def validate_eval(cfg):
     p: List[str] = []
+    check_credentials(p, cfg)
+    from tidal.train.publish import check_readable
+
+    for key in ("model_dir", "before"):
+        path = getattr(cfg, key)
+        if path is not None and os.path.isdir(os.path.expanduser(path)):
+            bad = check_readable(os.path.expanduser(path))
+            if bad:
+                p.append(f"{key}: '{path}' is not a complete export: {'; '.join(bad[:3])}")
     for key in ("model_dir", "before", "text_data", "sft_data", "pair_data"):
         path = getattr(cfg, key)
         if path is not None and not os.path.isdir(os.path.expanduser(path)):

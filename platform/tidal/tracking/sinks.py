@@ -1,26 +1,64 @@
-"""Where metrics go on the driver: metrics.jsonl, W&B, and a live progress bar.
+"""Where metrics go on the driver: metrics.jsonl, events.jsonl, W&B, and progress (a live
+bar on a terminal, plain lines in a log).
 
 A restarted worker group replays the steps after its last checkpoint; ``MetricsLog`` then
-drops the records it already had from that step on, so every step appears once.
+drops the records it already had from that step on, so every step appears once. A driver
+killed mid-write leaves a torn last line: readers skip what does not decode and say so,
+and the undecodable text is kept beside the file (``<file>.undecodable``), not dropped.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
 
 from tidal.config.schema import LoggerConfig
+
+
+def read_jsonl(path: str) -> Tuple[List[Dict], List[str]]:
+    """The records of a JSON-lines file and the lines that did not decode (a torn tail)."""
+    records, bad = [], []
+    if not os.path.exists(path):
+        return records, bad
+    with open(path, "rb") as f:
+        for raw in f.read().split(b"\n"):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                bad.append(raw.decode("utf-8", "replace"))
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                bad.append(raw.decode("utf-8", "replace"))
+    return records, bad
+
+
+def set_aside(path: str, bad: List[str]) -> str:
+    """Keep undecodable lines in ``<path>.undecodable`` (appended, never lost)."""
+    aside = path + ".undecodable"
+    with open(aside, "a") as f:
+        for line in bad:
+            f.write(line + "\n")
+    return aside
 
 
 class MetricsLog:
     """The per-step records of a run, kept in memory and in ``metrics.jsonl``."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, log=print):
         self.path = path
-        self.records: List[Dict] = []
-        if os.path.exists(path):  # a resumed run keeps its history
-            with open(path) as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
+        self.records, bad = read_jsonl(path)  # a resumed run keeps its history
+        self.records = [r for r in self.records if isinstance(r.get("step"), int)]
+        if bad:  # a torn line from a killed driver: keep it aside, continue from what decodes
+            aside = set_aside(path, bad)
+            self._rewrite()
+            log(f"{path}: {len(bad)} undecodable line(s) skipped (a driver killed mid-write); "
+                f"kept in {aside}")
 
     def add(self, rec: Dict) -> bool:
         """Append a step record; returns True if it rewound earlier records."""
@@ -53,6 +91,27 @@ class MetricsLog:
             if key in r:
                 return r[key]
         return None
+
+
+class EventLog:
+    """``events.jsonl``: appended as each event arrives, across every attempt and driver
+    session, so a driver killed outright loses nothing it had received."""
+
+    def __init__(self, path: str, log=print):
+        self.path = path
+        _, bad = read_jsonl(path)
+        if bad:
+            log(f"{path}: {len(bad)} undecodable line(s) skipped; kept in {set_aside(path, bad)}")
+        self._newline = os.path.exists(path) and os.path.getsize(path) > 0 and \
+            not open(path, "rb").read()[-1:] == b"\n"
+
+    def add(self, rec: Dict) -> None:
+        with open(self.path, "a") as f:
+            if self._newline:  # never glue a record onto a torn line
+                f.write("\n")
+                self._newline = False
+            f.write(json.dumps(rec, default=str) + "\n")
+            f.flush()
 
 
 def wandb_mode(cfg: LoggerConfig) -> str:
@@ -108,11 +167,19 @@ class WandbSink:
 
 
 class Progress:
-    """A rich progress bar with the latest loss, throughput and validation loss."""
+    """Progress of a run: a rich live bar on a terminal; otherwise (``ray job submit``,
+    output to a file) a plain line every ``every`` steps: step, loss, lr, tokens/s,
+    elapsed time and ETA."""
 
-    def __init__(self, total: int, enabled: bool, start: int = 0):
+    def __init__(self, total: int, enabled: bool, start: int = 0, every: int = 10, stream=None):
         self.bar = None
-        if not enabled:
+        self.total, self.every = total, every
+        self.stream = stream or sys.stdout
+        self.enabled = enabled
+        self.t0 = time.time()
+        self.first: Optional[Tuple[int, float]] = None  # (step, time) the ETA is measured from
+        self.last_line = -1
+        if not enabled or not _is_terminal(self.stream):
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
         from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -124,17 +191,43 @@ class Progress:
         self.bar.start()
 
     def update(self, rec: Dict, val: Optional[float]) -> None:
-        if self.bar is None:
-            return
         info = f"loss {rec['loss']:.3f}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s"
         if val is not None:
             info += f"  val {val:.3f}"
-        self.bar.update(self.task, completed=rec["step"], info=info)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=rec["step"], info=info)
+            return
+        if not self.enabled:
+            return
+        step, now = rec["step"], time.time()
+        if self.first is None or step <= self.first[0]:
+            self.first = (step, now)
+        if step % self.every and step != self.total or step == self.last_line:
+            return
+        self.last_line = step
+        done, rate_t = step - self.first[0], now - self.first[1]
+        eta = (self.total - step) * rate_t / done if done > 0 else None
+        print(f"step {step}/{self.total}  {info}  elapsed {_hms(now - self.t0)}  "
+              f"eta {_hms(eta) if eta is not None else '?'}", file=self.stream, flush=True)
 
     def note(self, text: str) -> None:
         if self.bar is not None:
             self.bar.update(self.task, info=text)
+        elif self.enabled:
+            print(f"[{_hms(time.time() - self.t0)}] {text}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

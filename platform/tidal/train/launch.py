@@ -21,15 +21,18 @@ from tidal.config.schema import worker_bounds
 from tidal.data import io as tio
 from tidal.data.prepare import data_key, default_output_dir, load_manifest, manifest_hash, prepare
 from tidal.tracking import plots, run_card
-from tidal.tracking.sinks import MetricsLog, Progress, WandbSink
+from tidal.config.redact import redact
+from tidal.tracking.sinks import EventLog, MetricsLog, Progress, WandbSink
 from tidal.train import integrity
+from tidal.train import lease as run_lease
+from tidal.train.resources import ensure_placeable, init_ray  # noqa: F401 - init_ray: public here too
 
 # What a checkpoint means: changing these under a resumed run is refused unless the user
 # names them in run.allow_changes. Scaling, logging, evaluation and checkpoint cadence,
 # stop_at_step and run options may change freely (an elastic run changes its world size).
 PROTECTED = ("model.", "data.", "optim.", "schedule.", "train.max_steps", "train.global_batch_tokens",
              "train.seed")
-UNPROTECTED = ("data.output_dir", "model.name")
+UNPROTECTED = ("data.output_dir", "model.name", "model.allow_tokenizer_mismatch")
 SHAPE_KEYS = ("model.arch", "model.pretrained", "model.hidden_size", "model.num_layers", "model.num_heads",
               "model.num_kv_heads", "model.intermediate_size", "model.tie_embeddings", "data.tokenizer.",
               "model.lora.rank", "model.lora.target_modules")
@@ -89,7 +92,7 @@ def check_resume(cfg: PretrainConfig, run_storage: str, log=print) -> Optional[s
 
     state = json.loads(tio.read_bytes(tio.join(path, "trainer_state.json")))
     if "config" in state:
-        refused, allowed = config_drift(state["config"], to_dict(cfg), list(cfg.run.allow_changes))
+        refused, allowed = config_drift(state["config"], redact(to_dict(cfg)), list(cfg.run.allow_changes))
         if refused:
             raise ValueError(
                 f"resuming from {path} with a config that changes what the checkpoint means:\n  "
@@ -98,23 +101,6 @@ def check_resume(cfg: PretrainConfig, run_storage: str, log=print) -> Optional[s
         for line in allowed:
             log(f"allowed change on resume: {line}")
     return path
-
-
-def init_ray() -> None:
-    """Join ``RAY_ADDRESS`` when set (a cluster, or a ``ray job submit`` job), else start a
-    local runtime."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = None
-    if os.environ.get("TIDAL_SHIP_CODE"):  # tidal is not installed on the cluster: ship it
-        import tidal
-
-        runtime_env = {"py_modules": [os.path.dirname(tidal.__file__)]}
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
-             logging_level="WARNING", runtime_env=runtime_env)
 
 
 def ensure_data(data_cfg, root: str, log=print) -> tuple[str, Dict]:
@@ -155,7 +141,7 @@ def _use_gpu(cfg: PretrainConfig) -> bool:
 
 
 def _poll(hub, log: MetricsLog, wandb: WandbSink, bar: Progress, stop: threading.Event,
-          events: list, on_record: Optional[Callable[[Dict], None]] = None,
+          events: list, event_log: EventLog, on_record: Optional[Callable[[Dict], None]] = None,
           cancel: Optional[threading.Event] = None) -> None:
     import ray
 
@@ -170,6 +156,7 @@ def _poll(hub, log: MetricsLog, wandb: WandbSink, bar: Progress, stop: threading
                 on_record(rec)
             if "event" in rec:
                 events.append(rec)
+                event_log.add(rec)
                 kind = rec["event"]
                 if kind == "start":
                     log.truncate_after(rec["step"])
@@ -299,7 +286,42 @@ def run_training(cfg, log=print, objective: str = "lm",
     """Train ``cfg`` on Ray Train with ``objective`` and return the run summary.
     ``on_record`` sees every step record and event as the driver receives it (a sweep
     trial forwards them to Ray Tune); setting ``cancel`` ends the run cleanly at the next
-    step (its workers and their resources are released)."""
+    step (its workers and their resources are released). The run's lease is held
+    throughout: a second driver on the same run name is refused before any Ray work."""
+    cfg = absolute_paths(cfg)
+    storage = cfg.run.storage_path or cfg.run.output_dir
+    run_storage = tio.join(storage, cfg.run.name)
+    export_dir, adapter_dir = _export_dirs(cfg, storage)
+    cancel = cancel or threading.Event()
+    lease = run_lease.acquire(run_storage, cfg.run.name, cfg.run.lease_stale_s, cfg.run.take_over,
+                              log, on_lost=lambda holder: cancel.set())
+    try:
+        summary = _run(cfg, log, objective, on_record, cancel, run_storage, export_dir, adapter_dir)
+    finally:
+        run_lease.release(lease)
+    if lease.lost.is_set():
+        raise RunStopped(f"run '{cfg.run.name}' stopped: another driver took over its lease "
+                         f"({run_lease._describe(lease.taken_by or {})})")
+    return summary
+
+
+def _export_dirs(cfg, storage: str) -> tuple:
+    """Where the run's exports go, refused up front if those places hold foreign files."""
+    from tidal.train.publish import check_destination
+
+    lora = cfg.model.lora
+    export_dir = tio.join(storage, cfg.run.name, "hf") if cfg.train.export_hf else None
+    adapter_dir = tio.join(storage, cfg.run.name, "adapter") if cfg.train.export_hf and lora.rank else None
+    if lora.rank and not lora.merge_export:
+        export_dir = None
+    for d in (export_dir, adapter_dir):
+        if d:
+            check_destination(d, overwrite=False, key="train.export_hf")
+    return export_dir, adapter_dir
+
+
+def _run(cfg, log, objective: str, on_record, cancel: threading.Event, run_storage: str,
+         export_dir: Optional[str], adapter_dir: Optional[str]) -> Dict:
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -307,35 +329,31 @@ def run_training(cfg, log=print, objective: str = "lm",
     from tidal.tracking.hub import MetricsHub
     from tidal.train.loop import train_loop_per_worker
 
-    cfg = absolute_paths(cfg)
     root = cfg.run.output_dir
     storage = cfg.run.storage_path or root
-    run_storage = tio.join(storage, cfg.run.name)
     resume = check_resume(cfg, run_storage, log)  # before any Ray work
     if resume:
         log(f"resuming from {resume}")
     init_ray()
+    use_gpu = _use_gpu(cfg)
+    ensure_placeable(cfg, use_gpu, log)
     # Prepared data sits beside the checkpoints, so that every node reaches it when the
     # storage is shared (s3://, gs://, NFS).
     data_dir, manifest = ensure_job_data(cfg, storage, objective, log)
     run_dir = os.path.join(root, cfg.run.name)
     os.makedirs(run_dir, exist_ok=True)
-    lora = cfg.model.lora
-    export_dir = tio.join(storage, cfg.run.name, "hf") if cfg.train.export_hf else None
-    adapter_dir = tio.join(storage, cfg.run.name, "adapter") if cfg.train.export_hf and lora.rank else None
-    if lora.rank and not lora.merge_export:
-        export_dir = None
-    config = to_dict(cfg)
+    config = redact(to_dict(cfg))  # every persisted copy: no credentials
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
-    use_gpu = _use_gpu(cfg)
     hub = MetricsHub.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "data_dir": data_dir, "hub": hub, "use_gpu": use_gpu,
                            "export_dir": export_dir, "adapter_dir": adapter_dir,
                            "manifest_hash": manifest_hash(manifest),
-                           "run_storage": run_storage, "objective": objective},
+                           "run_storage": run_storage, "objective": objective,
+                           "signed": integrity.signing_key() is not None,
+                           "reference_digest": _reference_digest(cfg, objective)},
         scaling_config=scaling_config(cfg, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -346,12 +364,13 @@ def run_training(cfg, log=print, objective: str = "lm",
             # Ray Train's per-report INFO lines would drown the progress bar; ours say more
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
-    metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
+    metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), log)
+    event_log = EventLog(os.path.join(run_dir, "events.jsonl"), log)
     wandb = WandbSink(cfg.logger, cfg.run.name, run_dir, config)
-    bar = Progress(cfg.train.max_steps, cfg.logger.progress)
+    bar = Progress(cfg.train.max_steps, cfg.logger.progress, every=cfg.logger.progress_every)
     stop, events = threading.Event(), []
-    poller = threading.Thread(target=_poll, args=(hub, metrics_log, wandb, bar, stop, events, on_record,
-                                                  cancel), daemon=True)
+    poller = threading.Thread(target=_poll, args=(hub, metrics_log, wandb, bar, stop, events, event_log,
+                                                  on_record, cancel), daemon=True)
     poller.start()
     t0 = time.time()
     result = None
@@ -365,7 +384,7 @@ def run_training(cfg, log=print, objective: str = "lm",
         if adapter_dir:
             summary["adapter"] = adapter_dir
         summary["wall_time_s"] = round(time.time() - t0, 1)
-        summary.update(_resilience(events, run_dir, run_storage))
+        summary.update(_resilience(events, run_storage))
         if metrics_log.records:
             summary["loss_plot"] = plots.loss_curve(metrics_log.records, os.path.join(run_dir, "loss.png"),
                                                     f"{cfg.run.name}: {cfg.model.name} on {cfg.data.name}")
@@ -373,7 +392,7 @@ def run_training(cfg, log=print, objective: str = "lm",
         if wandb_dir:
             summary["wandb_dir"] = wandb_dir
         run_card.write(os.path.join(run_dir, "run_card.md"), config,
-                       _facts(cfg, manifest, data_dir, events, use_gpu), summary)
+                       redact(_facts(cfg, manifest, data_dir, events, use_gpu)), summary)
     fatal = [e for e in events if e["event"] == "fatal"]
     if fatal:
         raise RunStopped(f"run '{cfg.run.name}' stopped: {fatal[-1]['reason']} (summary in "
@@ -382,13 +401,30 @@ def run_training(cfg, log=print, objective: str = "lm",
     return summary
 
 
-def _resilience(events: list, run_dir: str, run_storage: str) -> Dict:
-    """What happened to the run besides training: written to events.jsonl and summarized."""
+def _reference_digest(cfg, objective: str) -> Optional[str]:
+    """DPO's precomputed reference is keyed by the reference weights' content, not only
+    their path: a model re-exported in place is never matched with stale log-probs."""
+    if objective != "dpo" or cfg.dpo.reference != "precompute" or not cfg.model.pretrained:
+        return None
+    import hashlib
     import json
 
-    with open(os.path.join(run_dir, "events.jsonl"), "w") as f:
-        for e in events:
-            f.write(json.dumps(e, default=str) + "\n")
+    from tidal.train.publish import MARKER
+
+    h = hashlib.sha256()
+    root = cfg.model.pretrained
+    if os.path.exists(os.path.join(root, MARKER)):  # a tidal export lists its digests: no re-read
+        files = json.load(open(os.path.join(root, MARKER)))["files"]
+        h.update(json.dumps({k: v["sha256"] for k, v in files.items()}, sort_keys=True).encode())
+        return h.hexdigest()
+    for name in sorted(os.listdir(root)):
+        if name.endswith((".safetensors", ".bin", ".json")) and name != "tidal_export.json":
+            h.update(name.encode() + b"\0" + tio.sha256_file(os.path.join(root, name))[0].encode())
+    return h.hexdigest()
+
+
+def _resilience(events: list, run_storage: str) -> Dict:
+    """What happened to the run besides training (events.jsonl holds every event)."""
     starts = [e for e in events if e["event"] == "start"]
     saves = [e for e in events if e["event"] == "checkpoint"]
     out = {"restarts": max(0, len(starts) - 1),

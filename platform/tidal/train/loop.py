@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from tidal.config import fingerprint, to_dict
+from tidal.config.redact import redact
 from tidal.data import io as tio
 from tidal.data.loader import GlobalSampleLoader
 from tidal.data.prepare import load_manifest, tokenizer_path
@@ -187,14 +188,16 @@ def _reference_model(cfg, engine, manifest):
     return ref.eval()
 
 
-def _precomputed_reference(cfg, engine, reference, loader, run_dir: str, manifest_hash: str, hub):
+def _precomputed_reference(cfg, engine, reference, loader, run_dir: str, manifest_hash: str, hub,
+                           reference_digest: Optional[str]):
     """The reference's log-probs for every pair, computed once per run (and reused by its
     restarts); see ``tidal.train.reference``."""
     from tidal.objectives.preference import reference_sums
     from tidal.train import reference as R
 
     root = tio.join(run_dir, "reference_logps")
-    meta = {"data_manifest": manifest_hash, "model": to_dict(cfg.model), "seed": cfg.train.seed}
+    meta = {"data_manifest": manifest_hash, "model": to_dict(cfg.model), "seed": cfg.train.seed,
+            "reference_weights": reference_digest}
     rank, world = engine.rank, engine.world
     table = _bcast(R.load(root, meta) is not None if rank == 0 else None, world)
     t0 = time.perf_counter()
@@ -292,6 +295,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     run_dir = config["run_storage"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("signed") and integrity.signing_key() is None:
+        raise RuntimeError(f"{integrity.KEY_ENV} is set on the driver but not on this worker (rank "
+                           f"{rank}): set it on every node, or pass it to the job with ray job "
+                           "submit --runtime-env-json '{\"env_vars\": {...}}'")
     manifest = load_manifest(data_dir)
     if manifest is None:
         raise FileNotFoundError(f"worker {rank}: no prepared data at {data_dir}; on several nodes "
@@ -320,7 +327,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         objective.reference = _reference_model(cfg, engine, manifest)
         if cfg.dpo.reference == "precompute":
             objective.table = _precomputed_reference(cfg, engine, objective.reference, loader,
-                                                     run_dir, config["manifest_hash"], hub)
+                                                     run_dir, config["manifest_hash"], hub,
+                                                     config.get("reference_digest"))
             objective.reference = None  # frees the frozen copy for the whole run
             import gc
 
@@ -331,7 +339,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     bytes_per_token = val["bytes"] / val["tokens"] if val.get("bytes") else None
     tok_dir = tokenizer_path(manifest, data_dir)
     meta = {"config_fingerprint": fingerprint(cfg), "data_manifest": config["manifest_hash"],
-            "config": to_dict(cfg)}
+            "config": redact(to_dict(cfg))}
     injector = Injector(t.inject_faults, run_dir, rank)
     guard = DivergenceGuard(t.guard)
     saver = Checkpointer(engine, run_dir, meta, tok_dir, injector, hub)
