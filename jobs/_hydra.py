@@ -105,6 +105,8 @@ def precheck_overrides(schema: type, argv: list[str]) -> None:
         value = None if override.is_delete() else override.value()
         if isinstance(value, str) and "${" in value:
             continue  # an interpolation: resolved (and checked) at composition
+        if any(part.isdigit() for part in key.split(".")):
+            continue  # inside a list from the presets (data.mixture.0.weight): checked after composition
         try:
             OmegaConf.update(node, key, value, merge=False)
         except Exception as e:  # noqa: BLE001 - OmegaConf's validation errors

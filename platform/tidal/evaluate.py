@@ -37,7 +37,10 @@ def _val(data_dir: str, max_samples: int):
     manifest = load_manifest(data_dir)
     if manifest is None:
         raise FileNotFoundError(f"no prepared data (manifest.json) at {data_dir}")
-    val = ShardSet(data_dir, manifest["shards"]["val"])
+    val = ShardSet(data_dir, manifest["shards"].get("val") or [])
+    if len(val) == 0:
+        raise ValueError(f"{data_dir}: no validation split (the data set was too small to hold "
+                         "one out): nothing held out to evaluate on")
     n = min(len(val), max_samples)
     return manifest, val.take(np.arange(n))
 

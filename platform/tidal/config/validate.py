@@ -455,6 +455,14 @@ def validate_eval(cfg):
         path = getattr(cfg, key)
         if path and os.path.isdir(path) and not os.path.exists(os.path.join(path, "manifest.json")):
             p.append(f"{key}: '{path}' is not a prepared data directory (no manifest.json)")
+        elif path and os.path.isdir(path):
+            import json
+
+            with open(os.path.join(path, "manifest.json")) as f:
+                val = json.load(f).get("counts", {}).get("val", {})
+            if not val.get("samples"):
+                p.append(f"{key}: '{path}' has no validation split (too little data to hold one "
+                         "out): nothing to evaluate on")
     _check(p, cfg.max_samples >= 1, "max_samples", ">= 1", cfg.max_samples)
     _check(p, cfg.max_new_tokens >= 1, "max_new_tokens", ">= 1", cfg.max_new_tokens)
     if p:

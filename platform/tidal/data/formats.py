@@ -70,6 +70,11 @@ def check_turns(messages) -> Tuple[Optional[Turns], Optional[str]]:
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] != "assistant" or not out[-1]["content"].strip():
         return None, "the conversation does not end with a non-empty assistant turn"
+    # an empty reply earlier on would teach the model to answer with nothing; with
+    # tokenizers that merge whitespace runs it cannot even be split into turns
+    for i, m in enumerate(out[:-1]):
+        if m["role"] == "assistant" and not m["content"].strip():
+            return None, f"message {i}: an empty assistant turn"
     if not any(m["role"] == "user" for m in out):
         return None, "the conversation has no user turn"
     return out, None

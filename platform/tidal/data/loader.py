@@ -23,7 +23,8 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class ShardSet:
-    """Random access to the packed samples of one split across its shard files."""
+    """Random access to the packed samples of one split across its shard files; a split
+    with no shards (a set too small to hold out validation samples) is empty."""
 
     def __init__(self, data_dir: str, shards: List[Dict]):
         self.arrays = [tio.load_npy(tio.join(data_dir, s["file"])) for s in shards]
@@ -41,7 +42,9 @@ class ShardSet:
 class GlobalSampleLoader:
     def __init__(self, data_dir: str, manifest: Dict, seed: int, global_batch: int):
         self.train = ShardSet(data_dir, manifest["shards"]["train"])
-        self.val = ShardSet(data_dir, manifest["shards"]["val"])
+        # shards.val == [] (or absent): no validation split; len(self.val) == 0 and
+        # val_batches yields nothing, so callers must skip evaluation, not report 0.0
+        self.val = ShardSet(data_dir, manifest["shards"].get("val") or [])
         self.seed, self.global_batch = seed, global_batch
         self._orders: Dict[int, np.ndarray] = {}
         cur = manifest.get("curriculum")

@@ -13,13 +13,15 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from tidal.config.redact import redact
 from tidal.config import fingerprint, to_dict
 from tidal.data import io as tio
-from tidal.data.chat import IGNORE, encode_conversation, render
+from tidal.data.chat import IGNORE, render
 from tidal.data.corpus import embedded_docs
 from tidal.data.formats import preference_example
 from tidal.data.prepare import is_val
-from tidal.data.sft import read_examples, save_tokenizer, start_output
+from tidal.data.sft import (TOO_LONG, encode, no_usable, read_examples, save_tokenizer, split_examples,
+                            start_output, tally, write_split)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -59,50 +61,59 @@ def _row(chosen: Tuple[List[int], List[int]], rejected: Tuple[List[int], List[in
     return row
 
 
+def _encode_pair(tok, ex: Dict, cfg, counts: Dict, entry: Dict):
+    """The pair's two ``(ids, labels)``, or None with the reason counted."""
+    pair = []
+    for side in ("chosen", "rejected"):
+        turns = ex["prompt"] + [{"role": "assistant", "content": ex[side]}]
+        encoded = encode(tok, turns, counts, entry)
+        if encoded is None:
+            return None
+        ids, labels = encoded
+        if len(ids) > cfg.seq_len:
+            # keep the end: the replies are what is compared, the oldest turns
+            # of the prompt are what can go
+            ids, labels = ids[-cfg.seq_len:], labels[-cfg.seq_len:]
+            counts["truncated"] += 1
+        pair.append((ids, labels))
+    if any(all(x == IGNORE for x in lab[1:]) for _, lab in pair) or pair[0][0] == pair[1][0]:
+        counts["too_long"] += 1  # nothing left to compare
+        tally(entry["set_aside"], TOO_LONG)
+        return None
+    return pair
+
+
 def prepare_pairs(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
     tok, added = start_output(tokenizer_dir, out_dir, cfg.chat_template)
     counts: Dict = {"records": 0, "malformed": {}, "too_long": 0, "truncated": 0}
     inputs, splits = [], {"train": [], "val": []}
     embedded = {"embedded:pydocs_prefs": lambda: pydocs_preferences(cfg.seed)}
-    for ex in read_examples(cfg, preference_example, embedded, counts, inputs):
-        pair = []
-        for side in ("chosen", "rejected"):
-            ids, labels = encode_conversation(tok, ex["prompt"] + [{"role": "assistant",
-                                                                   "content": ex[side]}])
-            if len(ids) > cfg.seq_len:
-                # keep the end: the replies are what is compared, the oldest turns
-                # of the prompt are what can go
-                ids, labels = ids[-cfg.seq_len:], labels[-cfg.seq_len:]
-                counts["truncated"] += 1
-            pair.append((ids, labels))
-        if any(all(x == IGNORE for x in lab[1:]) for _, lab in pair) or pair[0][0] == pair[1][0]:
-            counts["too_long"] += 1  # nothing left to compare
+    for ex, entry in read_examples(cfg, preference_example, embedded, counts, inputs):
+        pair = _encode_pair(tok, ex, cfg, counts, entry)
+        if pair is None:
             continue
         text = render(tok, ex["prompt"])
         split = "val" if is_val(text, cfg.val_fraction, cfg.seed) else "train"
         splits[split].append(_row(pair[0], pair[1], cfg.seq_len, tok.pad_token_id))
-    if not splits["val"] and len(splits["train"]) >= 2:
-        splits["val"].append(splits["train"].pop())
+    split_examples(splits)
     if not splits["train"]:
-        raise ValueError(f"pair data '{cfg.name}': no usable pairs in {counts['records']} records "
-                         f"(malformed: {json.dumps(counts['malformed'])}, too long: {counts['too_long']})")
+        raise no_usable("pair data", cfg, counts, inputs)
     manifest: Dict = {"format_version": FORMAT_VERSION, "kind": "pairs", "name": cfg.name,
                       "data_key": data_key(cfg), "inputs": inputs, "seq_len": cfg.seq_len,
                       "sample_shape": [4, cfg.seq_len], "shards": {}}
     manifest["tokenizer"] = save_tokenizer(tok, out_dir, added)
     rng = np.random.default_rng(cfg.seed)
     for split, rows in splits.items():
-        arr = np.stack(rows)
+        arr = np.stack(rows) if rows else np.zeros((0, 4, cfg.seq_len), dtype=np.int32)
         if split == "train":
             arr = arr[rng.permutation(len(arr))]
-        name = f"{split}_000.npy"
-        manifest["shards"][split] = [{"file": name, "samples": len(arr),
-                                      "sha256": tio.save_npy(tio.join(out_dir, name), arr)}]
+        manifest["shards"][split] = write_split(out_dir, split, arr)
         counts[split] = {"samples": int(len(arr)), "pairs": int(len(arr))}
     manifest["counts"] = counts
-    manifest["config"] = to_dict(cfg)
+    manifest["config"] = redact(to_dict(cfg))
     tio.write_bytes(tio.join(out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
     log(f"pair data '{cfg.name}': {counts['train']['pairs']} train / {counts['val']['pairs']} val pairs "
         f"of <= {cfg.seq_len} tokens; set aside: {sum(counts['malformed'].values())} malformed, "
-        f"{counts['too_long']} too long")
+        f"{counts['too_long']} too long"
+        + ("" if counts["val"]["samples"] else "; no validation split (too few pairs)"))
     return manifest

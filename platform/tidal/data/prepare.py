@@ -17,10 +17,12 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from tidal.config.redact import redact
 from tidal.config import DataConfig, fingerprint, to_dict
 from tidal.data import io as tio
 from tidal.data import mixture
 from tidal.data.curriculum import SCORERS
+from tidal.data.inputs import describe_file
 from tidal.data import sources as srcs
 from tidal.data import tokenizer as toks
 from tidal.data.corpus import embedded_docs, embedded_version
@@ -102,6 +104,8 @@ def _code_version() -> Dict:
 
 
 def _hash_inputs(inputs: List, groups: List) -> List[Dict]:
+    """Each input's manifest entry: what it was (hash, size, time; an embedded corpus's
+    Python version), so that ``inputs.changed_inputs`` can tell when shards are stale."""
     out = []
     for uri, g in inputs:
         if uri.startswith("embedded:"):
@@ -115,8 +119,7 @@ def _hash_inputs(inputs: List, groups: List) -> List[Dict]:
             out.append({"uri": uri, "source": groups[g].name, "sha256": h.hexdigest(),
                         "bytes": size, "version": embedded_version()})
         else:
-            digest, size = tio.sha256_file(uri)
-            out.append({"uri": uri, "source": groups[g].name, "sha256": digest, "bytes": size})
+            out.append({"uri": uri, "source": groups[g].name, **describe_file(uri)})
     return out
 
 
@@ -172,7 +175,9 @@ def prepare(cfg: DataConfig, out_dir: str, log=print, show_progress: bool = True
 
 
 def _run(cfg: DataConfig, inputs, out_dir: str, log, stages: StageProgress) -> Tuple[Dict, Dict]:
-    kept, report = _curate(cfg, srcs.documents(cfg, inputs), out_dir, log, stages)
+    # recorded before reading: a file changed while it is read shows a newer time later
+    recorded = _hash_inputs(inputs, srcs.source_groups(cfg))
+    kept, report = _curate(cfg, srcs.documents(cfg, inputs), inputs, out_dir, log, stages)
     tok_dir = _tokenizer_dir(cfg, out_dir, kept, log)
     tok_hash = toks.tokenizer_hash(tio.local_dir(tok_dir))
     tok = toks.load(tio.local_dir(tok_dir))
@@ -229,14 +234,17 @@ def _run(cfg: DataConfig, inputs, out_dir: str, log, stages: StageProgress) -> T
         digest = tio.save_npy(tio.join(out_dir, "train_scores.npy"), np.asarray(train.scores, np.float32))
         curriculum = {"score": cfg.curriculum.score, "epochs": cfg.curriculum.epochs,
                       "file": "train_scores.npy", "sha256": digest}
-    if stats["train"]["samples"] == 0 or stats["val"]["samples"] == 0:
+    if stats["train"]["samples"] == 0:
         raise ValueError(f"data '{cfg.name}': too little text for seq_len={cfg.seq_len}: "
                          f"{stats['train']['samples']} train / {stats['val']['samples']} val samples")
+    if stats["val"]["samples"] == 0:  # recorded as shards.val == []: training skips evaluation
+        log(f"data '{cfg.name}': too little text for a validation split "
+            f"({stats['train']['samples']} train samples); training will run without evaluation")
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": cfg.name,
         "data_key": data_key(cfg),
-        "inputs": _hash_inputs(inputs, srcs.source_groups(cfg)),
+        "inputs": recorded,
         "tokenizer": {"path": _relative(tok_dir, out_dir), "sha256": tok_hash, "vocab_size": vocab,
                       "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
         "seq_len": cfg.seq_len,
@@ -252,13 +260,12 @@ def _run(cfg: DataConfig, inputs, out_dir: str, log, stages: StageProgress) -> T
         "mixture": mix_summary,
         "curriculum": curriculum,
         "shards": {"train": stats["train"]["shards"], "val": stats["val"]["shards"]},
-        "config": to_dict(cfg),
+        "config": redact(to_dict(cfg)),
         "code": _code_version(),
     }
     report.update(tokens_out=stats["train"]["tokens"] + stats["val"]["tokens"],
                   samples_out=stats["train"]["samples"] + stats["val"]["samples"])
     return manifest, report
-    return manifest
 
 
 def _mixture_plan(cfg: DataConfig, tokenized) -> Tuple[np.ndarray, Dict]:
@@ -279,7 +286,8 @@ def pc_lengths(column) -> np.ndarray:
     return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _curate(cfg: DataConfig, docs, out_dir: str, log, stages: StageProgress) -> Tuple[object, Dict]:
+def _curate(cfg: DataConfig, docs, inputs, out_dir: str, log,
+            stages: StageProgress) -> Tuple[object, Dict]:
     """Normalize, filter, scrub and dedup; returns the kept documents and the report."""
     stages.start("curate")
     curated = docs.map_batches(curate_batch, batch_size=CURATE_BATCH, fn_kwargs={
@@ -295,13 +303,28 @@ def _curate(cfg: DataConfig, docs, out_dir: str, log, stages: StageProgress) -> 
     if report["documents_kept"] == 0:
         tio.write_bytes(tio.join(out_dir, REPORT + ".json"), json.dumps(report, indent=2).encode())
         raise ValueError(f"data '{cfg.name}': curation kept none of {report['records_in']:,} records "
-                         f"(dropped: {json.dumps(report['dropped'])}); see "
-                         f"{tio.join(out_dir, REPORT + '.json')}, or relax data.curation")
+                         f"(dropped: {json.dumps(report['dropped'])}); by input:\n"
+                         + _why_dropped(curated, inputs) + f"\nsee {tio.join(out_dir, REPORT + '.json')};"
+                         " fix or remove these inputs, or relax data.curation")
     dup_ids = set(dups)
     kept = curated.filter(lambda r: not r["drop"] and int(r["doc_id"]) not in dup_ids)
     log(f"curated {report['records_in']:,} records: kept {report['documents_kept']:,}, dropped "
         + (", ".join(f"{s} {sum(r.values()):,}" for s, r in report["dropped"].items()) or "none"))
     return kept.drop_columns(["sig"]).materialize(), report
+
+
+def _why_dropped(curated, inputs, limit: int = 20) -> str:
+    """Each input and the reasons its records were dropped (the reader's full error for a
+    file that could not be read): for the error when nothing is left, so it runs only then."""
+    per_input: Dict[int, Dict[str, int]] = {}
+    for row in curated.select_columns(["doc_id", "error", "drop"]).iter_rows():
+        reason = row["error"] or row["drop"]
+        tally = per_input.setdefault(int(row["doc_id"]) >> 32, {})  # doc_id: input << 32 | unit
+        tally[reason] = tally.get(reason, 0) + 1
+    lines = [f"  {inputs[i][0]}: {srcs.reasons_text(dict(sorted(t.items())))}"
+             for i, t in sorted(per_input.items())]
+    more = [f"  ... and {len(lines) - limit} more input(s)"] if len(lines) > limit else []
+    return "\n".join(lines[:limit] + more)
 
 
 def _relative(path: str, root: str) -> str:
@@ -329,4 +352,8 @@ def load_manifest(out_dir: str) -> Optional[Dict]:
 
 
 def manifest_hash(manifest: Dict) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    """The data's identity (checkpoints record it). Input times are left out: they only
+    speed up the staleness check, and a touched file is the same data."""
+    inputs = [{k: v for k, v in i.items() if k != "mtime_ns"} for i in manifest.get("inputs", [])]
+    ident = dict(manifest, inputs=inputs) if "inputs" in manifest else manifest
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -8,7 +8,6 @@ sample-cursor loader as pretraining, so SFT resumes, reshards and resizes the sa
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import tempfile
@@ -16,12 +15,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from tidal.config.redact import redact
 from tidal.config import fingerprint, to_dict
 from tidal.data import io as tio
 from tidal.data.chat import IGNORE, encode_conversation, ensure_chat_template, render
 from tidal.data.corpus import embedded_docs
 from tidal.data.formats import instruction_example
+from tidal.data.inputs import describe_embedded, describe_file
 from tidal.data.prepare import is_val
+from tidal.data.sources import EMPTY, json_records, read_raw, reasons_text
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -45,60 +47,68 @@ def pydocs_instructions() -> List[Dict]:
 
 
 def _records(uri: str) -> Iterator[Tuple[int, object, Optional[str]]]:
-    """``(unit, record, error)`` for every record of a JSON list or JSONL file."""
-    try:
-        data = tio.read_bytes(uri)
-        if uri.endswith(".gz"):
-            data = gzip.decompress(data)
-        text = data.decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        yield 0, None, f"unreadable file: {type(e).__name__}"
+    """``(unit, record, error)`` for every record of a JSON list or JSONL file (.gz, .zst);
+    a file that cannot be used at all is one error: unreadable, empty or binary."""
+    raw, problem = read_raw(uri)
+    if problem:
+        yield 0, None, problem
         return
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(stripped)
-        except ValueError as e:
-            yield 0, None, f"not valid JSON: {e}"
-            return
-        for i, r in enumerate(rows):
-            yield i, r, None
-        return
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            yield i, json.loads(line), None
-        except ValueError:
-            yield i, None, "line is not JSON"
+    found = False
+    for unit, rec, error in json_records(raw):
+        found = True
+        yield unit, rec, error or None
+    if not found:
+        yield 0, None, EMPTY
+
+
+def tally(counts: Dict, reason: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1
+
+
+def set_aside(counts: Dict, entry: Dict, reason: str) -> None:
+    """Count a record that is not used, by reason, in the totals and in its input's entry."""
+    tally(counts["malformed"], reason)
+    tally(entry["set_aside"], reason)
 
 
 def read_examples(cfg, parse: Callable, embedded: Dict[str, Callable[[], List[Dict]]],
-                  counts: Dict, inputs: List[Dict]) -> Iterator:
-    """Every valid example of ``cfg.sources`` (``parse(record) -> (example, reason)``), at
-    most ``cfg.limit`` records; malformed ones are counted by reason in ``counts`` and each
-    input (with its SHA-256 when it is a file) is appended to ``inputs``."""
+                  counts: Dict, inputs: List[Dict]) -> Iterator[Tuple[object, Dict]]:
+    """``(example, input entry)`` for every valid example of ``cfg.sources`` (``parse(record)
+    -> (example, reason)``), at most ``cfg.limit`` records. Each input is appended to
+    ``inputs`` (a file with its SHA-256, size and time; an embedded set with its version),
+    with its record count and the records it had set aside by reason; malformed records are
+    also counted by reason in ``counts``. The entry lets callers set aside an example later
+    (one that cannot be encoded) against the file it came from."""
     for src in cfg.sources:
         uris = [src] if src in embedded else tio.expand(src)
         if not uris:
             raise FileNotFoundError(f"data.sources: nothing matches {src!r}")
         for uri in uris:
             if uri in embedded:
-                inputs.append({"uri": uri})
+                entry = describe_embedded(uri)
                 rows = ((i, r, None) for i, r in enumerate(embedded[uri]()))
             else:
-                digest, size = tio.sha256_file(uri)
-                inputs.append({"uri": uri, "sha256": digest, "bytes": size})
+                entry = {"uri": uri, **describe_file(uri)}
                 rows = _records(uri)
+            entry.update(records=0, set_aside={})
+            inputs.append(entry)
             for _, rec, error in rows:
                 if cfg.limit is not None and counts["records"] >= cfg.limit:
                     return
                 counts["records"] += 1
+                entry["records"] += 1
                 example, reason = (None, error) if error else parse(rec)
                 if example is None:
-                    counts["malformed"][reason] = counts["malformed"].get(reason, 0) + 1
+                    set_aside(counts, entry, reason)
                     continue
-                yield example
+                yield example, entry
+
+
+def no_usable(what: str, cfg, counts: Dict, inputs: List[Dict]) -> ValueError:
+    """The error when every record was set aside: the totals, then each input and why."""
+    lines = [f"  {e['uri']}: {reasons_text(e['set_aside'])}" for e in inputs if e["set_aside"]]
+    return ValueError(f"{what} '{cfg.name}': no usable examples in {counts['records']} records from "
+                      f"{len(inputs)} input(s); set aside, by input:\n" + "\n".join(lines))
 
 
 def pack(examples: List[Tuple[List[int], List[int]]], seq_len: int, pad_id: int,
@@ -172,27 +182,59 @@ def save_tokenizer(tok, out_dir: str, added: bool) -> Dict:
             "added_chat_tokens": added, "chat_template": tok.chat_template}
 
 
+TOO_LONG = "too long: nothing of the reply fits in seq_len"
+
+
+def encode(tok, turns, counts: Dict, entry: Dict) -> Optional[Tuple[List[int], List[int]]]:
+    """``(ids, labels)``, or None with the reason counted: a conversation the chat template
+    cannot split into turns (e.g. a reply of whitespace that merges with the role header
+    into one token) is one bad record, not a failed job."""
+    try:
+        return encode_conversation(tok, turns)
+    except ValueError as e:
+        set_aside(counts, entry, f"cannot be encoded: {e}")
+        return None
+
+
+def split_examples(splits: Dict[str, List]) -> None:
+    """Tiny sets keep one example for evaluation when they can; below two examples the
+    validation split stays empty (the manifest records ``shards.val == []``)."""
+    if not splits["val"] and len(splits["train"]) >= 2:
+        splits["val"].append(splits["train"].pop())
+
+
+def write_split(out_dir: str, split: str, rows: np.ndarray) -> List[Dict]:
+    """The split's shard list: one .npy, or none for an empty split (no zero-row files)."""
+    if not len(rows):
+        return []
+    name = f"{split}_000.npy"
+    digest = tio.save_npy(tio.join(out_dir, name), rows)
+    return [{"file": name, "samples": int(len(rows)), "sha256": digest}]
+
+
 def prepare_sft(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
     """Write SFT shards, the tokenizer (with its chat template) and ``manifest.json``."""
     tok, added = start_output(tokenizer_dir, out_dir, cfg.chat_template)
     counts: Dict = {"records": 0, "malformed": {}, "too_long": 0, "truncated": 0}
     inputs, splits = [], {"train": [], "val": []}
     embedded = {"embedded:pydocs_instruct": pydocs_instructions}
-    for turns in read_examples(cfg, instruction_example, embedded, counts, inputs):
-        ids, labels = encode_conversation(tok, turns)
+    for turns, entry in read_examples(cfg, instruction_example, embedded, counts, inputs):
+        encoded = encode(tok, turns, counts, entry)
+        if encoded is None:
+            continue
+        ids, labels = encoded
         if len(ids) > cfg.seq_len:
             ids, labels = ids[:cfg.seq_len], labels[:cfg.seq_len]
             counts["truncated"] += 1
         if all(x == IGNORE for x in labels[1:]):
             counts["too_long"] += 1  # nothing of the reply is left to learn from
+            tally(entry["set_aside"], TOO_LONG)
             continue
         split = "val" if is_val(render(tok, turns), cfg.val_fraction, cfg.seed) else "train"
         splits[split].append((ids, labels))
-    if not splits["val"] and len(splits["train"]) >= 2:  # tiny sets: keep one for evaluation
-        splits["val"].append(splits["train"].pop())
+    split_examples(splits)
     if not splits["train"]:
-        raise ValueError(f"sft data '{cfg.name}': no usable examples in {counts['records']} records "
-                         f"(malformed: {json.dumps(counts['malformed'])}, too long: {counts['too_long']})")
+        raise no_usable("sft data", cfg, counts, inputs)
     rng = np.random.default_rng(cfg.seed)
     manifest: Dict = {"format_version": FORMAT_VERSION, "kind": "sft", "name": cfg.name,
                       "data_key": data_key(cfg), "inputs": inputs, "seq_len": cfg.seq_len,
@@ -201,16 +243,16 @@ def prepare_sft(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
     for split, examples in splits.items():
         order = rng.permutation(len(examples)) if split == "train" else np.arange(len(examples))
         rows = pack([examples[i] for i in order], cfg.seq_len, tok.pad_token_id, cfg.packing)
-        name = f"{split}_000.npy"
-        digest = tio.save_npy(tio.join(out_dir, name), rows)
-        manifest["shards"][split] = [{"file": name, "samples": len(rows), "sha256": digest}]
+        manifest["shards"][split] = write_split(out_dir, split, rows)
         counts[split] = {"examples": len(examples), "samples": int(len(rows)),
                          "tokens": int(sum(len(e[0]) for e in examples)),
                          "response_tokens": int(sum(sum(x != IGNORE for x in e[1]) for e in examples))}
     manifest["counts"] = counts
-    manifest["config"] = to_dict(cfg)
+    manifest["config"] = redact(to_dict(cfg))
     tio.write_bytes(tio.join(out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
     log(f"sft data '{cfg.name}': {counts['train']['examples']} train / {counts['val']['examples']} val "
         f"examples -> {counts['train']['samples']} / {counts['val']['samples']} rows of {cfg.seq_len} "
-        f"tokens; set aside: {sum(counts['malformed'].values())} malformed, {counts['too_long']} too long")
+        f"tokens; set aside: {sum(counts['malformed'].values())} malformed, "
+        f"{counts['too_long']} too long"
+        + ("" if counts["val"]["samples"] else "; no validation split (too few examples)"))
     return manifest

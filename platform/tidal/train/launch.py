@@ -116,7 +116,21 @@ def ensure_data(data_cfg, root: str, log=print) -> tuple[str, Dict]:
             f"data.output_dir: {data_dir} holds data prepared with another data config "
             f"(key {manifest.get('data_key')}, this config: {data_key(data_cfg)}; its config is in "
             f"{tio.join(data_dir, 'manifest.json')}); point data.output_dir elsewhere or remove it")
+    elif _stale(manifest, data_cfg, data_dir, log):
+        manifest = prepare(data_cfg, data_dir, log=log)
     return data_dir, manifest
+
+
+def _stale(manifest: Dict, data_cfg, data_dir: str, log) -> bool:
+    """Whether the inputs changed since ``data_dir`` was prepared (then it is prepared again:
+    a run never trains on shards of files that are no longer what they were)."""
+    from tidal.data.inputs import changed_inputs
+
+    stale = changed_inputs(manifest, data_cfg)
+    if stale:
+        log(f"the inputs of {data_dir} changed since it was prepared; preparing it again:\n  "
+            + "\n  ".join(stale[:10]) + (f"\n  (+{len(stale) - 10} more)" if len(stale) > 10 else ""))
+    return bool(stale)
 
 
 def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
@@ -199,7 +213,8 @@ def summarize(log: MetricsLog, result, export_dir: Optional[str], run_dir: str) 
     steps = [r for r in log.records if "tokens_per_s" in r]
     steady = steps[min(2, len(steps) - 1):] if steps else []
     out = {"steps": steps[-1]["step"] if steps else 0,
-           "final_train_loss": log.last("loss"), "final_val_loss": log.last("val_loss"),
+           "final_train_loss": log.last("loss"),
+           "final_val_loss": log.last("val_loss"),
            "final_val_ppl": log.last("val_ppl"), "final_val_bpb": log.last("val_bpb"),
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady) if steady else None,
            "tokens_per_s_per_worker": statistics.median(r["tokens_per_s_per_worker"] for r in steady)
@@ -243,6 +258,8 @@ def ensure_post_data(cfg, root: str, kind: str, log=print) -> tuple[str, Dict]:
         manifest = prep(cfg.data, tok_src, data_dir, log)
     elif manifest.get("data_key") != mod.data_key(cfg.data) or manifest.get("kind") != kind:
         raise ValueError(f"data.output_dir: {data_dir} holds data prepared with another config")
+    elif _stale(manifest, cfg.data, data_dir, log):
+        manifest = prep(cfg.data, tok_src, data_dir, log)
     return data_dir, manifest
 
 
@@ -385,6 +402,8 @@ def _run(cfg, log, objective: str, on_record, cancel: threading.Event, run_stora
             summary["adapter"] = adapter_dir
         summary["wall_time_s"] = round(time.time() - t0, 1)
         summary.update(_resilience(events, run_storage))
+        if any(e.get("val_samples") == 0 for e in events if e["event"] == "start"):
+            summary["final_val_loss"] = "none (no validation split: too little data to hold one out)"
         if metrics_log.records:
             summary["loss_plot"] = plots.loss_curve(metrics_log.records, os.path.join(run_dir, "loss.png"),
                                                     f"{cfg.run.name}: {cfg.model.name} on {cfg.data.name}")

@@ -358,7 +358,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                          "num_params": engine.num_params, "grad_accum": engine.grad_accum,
                          "trainable_params": engine.extra["trainable_params"],
                          "restored": chosen["path"] is not None, "checkpoint": chosen["path"],
-                         "cursor": engine.cursor, "precision": engine.extra["precision"]})
+                         "cursor": engine.cursor, "precision": engine.extra["precision"],
+                         "val_samples": len(loader.val)})
 
     val_total, val_forwards = _eval_plan(engine, loader)
     end = t.stop_at_step or t.max_steps
@@ -393,7 +394,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         injector.maybe_kill("kill", engine.step)
         metrics["epoch"] = loader.epoch_of(engine.cursor)
         last = engine.step == end
-        if engine.step % t.eval_every == 0 or last:
+        if val_total and (engine.step % t.eval_every == 0 or last):  # no val split: no val_*
             batches = loader.val_batches(val_total, rank, world, t.micro_batch_size)
             metrics.update(evaluate(engine, batches, val_forwards, bytes_per_token))
         if hub is not None and rank == 0:
