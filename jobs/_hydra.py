@@ -108,7 +108,7 @@ def precheck_overrides(schema: type, argv: list[str]) -> None:
         if any(part.isdigit() for part in key.split(".")):
             continue  # inside a list from the presets (data.mixture.0.weight): checked after composition
         try:
-            OmegaConf.update(node, key, value, merge=False)
+            OmegaConf.update(node, key, value, merge=True)
         except Exception as e:  # noqa: BLE001 - OmegaConf's validation errors
             problems.append(f"{key}: {_first_line(e)}")
     if problems:
@@ -141,13 +141,16 @@ def reported(run_dir: str):
     """Failures once a job has started: one clear line on stderr (exit 2 for refused
     input, 3 for a run that stopped itself, 1 otherwise); the traceback goes to
     ``<run_dir>/error.log``."""
+    from tidal.data import DataError
     from tidal.train.lease import LeaseHeld
     from tidal.train.launch import RunStopped
     from tidal.train.publish import ExportRefused
+    from tidal.train.resources import ResourcesUnavailable
 
     try:
         yield
-    except (ConfigError, LeaseHeld, ExportRefused) as e:
+    except (ConfigError, LeaseHeld, ExportRefused, DataError, FileNotFoundError,
+            ResourcesUnavailable) as e:  # refused input: the message says what and where
         fail_line(e, 2)
     except RunStopped as e:  # the run stopped itself (divergence, a repeating failure)
         fail_line(e, 3)

@@ -121,3 +121,26 @@ def test_shards_of_another_data_config_are_refused(ray_local, corpus, tmp_path):
     assert ensure_data(cfg, str(tmp_path))[1] == manifest  # found, not prepared again
     with pytest.raises(ValueError, match="holds data prepared with another data config"):
         ensure_data(replace(cfg, seq_len=16), str(tmp_path))
+
+
+def test_prepared_data_is_prepared_again_when_its_inputs_change(ray_local, corpus, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from tidal.train.launch import ensure_data
+
+    src = tmp_path / "src"
+    shutil.copytree(corpus, src)
+    cfg = replace(_cfg(src), output_dir=str(tmp_path / "data"))
+    notes = []
+    _, first = ensure_data(cfg, str(tmp_path), log=notes.append)
+    os.utime(src / "a.txt")  # touched, same content: still the same data
+    assert ensure_data(cfg, str(tmp_path), log=notes.append)[1] == first
+    assert not any("changed since" in n for n in notes)
+    (src / "a.txt").write_text("\n\n".join(PARAS[:10]))  # edited in place
+    _, second = ensure_data(cfg, str(tmp_path), log=notes.append)
+    changed = [n for n in notes if "changed since it was prepared" in n]
+    assert len(changed) == 1 and "a.txt" in changed[0]
+    a = lambda m: next(i for i in m["inputs"] if i["uri"].endswith("a.txt"))  # noqa: E731
+    assert a(second)["sha256"] != a(first)["sha256"]
+    assert second["counts"]["train"]["tokens"] < first["counts"]["train"]["tokens"]

@@ -121,3 +121,23 @@ def test_training_with_checkpoints_and_export_on_s3(s3_ray, tmp_path):
     assert summary["hf_export"] == "s3://tidal-test/runs/s3run/hf"
     model = AutoModelForCausalLM.from_pretrained(tio.local_dir(summary["hf_export"]), local_files_only=True)
     assert model.config.vocab_size <= 300
+    # published whole: every file under its completion marker, no sentinel or staging left
+    from tidal.train import publish
+
+    assert publish.export_problems(summary["hf_export"], full=True) == []
+    assert "tidal-test/runs/s3run/hf/tidal_export.json" in names
+    assert not any(publish.PARTIAL in n or publish.TMP in n for n in names)
+    assert not any(n.startswith("tidal-test/runs/s3run/LEASE.json") for n in names)  # released
+
+    # a foreign prefix is refused as an export destination; a second export replaces the first
+    fs.create_dir("tidal-test/theirs")
+    with fs.open_output_stream("tidal-test/theirs/notes.txt") as f:
+        f.write(b"keep me")
+    ckpt = "s3://tidal-test/runs/s3run/checkpoint_0000004"
+    from tidal.train.export import export_checkpoint
+
+    with pytest.raises(publish.ExportRefused, match="not a tidal export"):
+        export_checkpoint(ckpt, "s3://tidal-test/theirs")
+    assert tio.read_bytes("s3://tidal-test/theirs/notes.txt") == b"keep me"
+    export_checkpoint(ckpt, summary["hf_export"])
+    assert publish.export_problems(summary["hf_export"], full=True) == []

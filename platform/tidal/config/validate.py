@@ -119,7 +119,7 @@ def check_pretrained(cfg, p: List[str]) -> None:
     heads, hidden = getattr(conf, "num_attention_heads", None), getattr(conf, "hidden_size", None)
     head_dim = getattr(conf, "head_dim", None) or (hidden / heads if heads and hidden else None)
     if head_dim is not None and (head_dim != int(head_dim) or int(head_dim) % 2):
-        p.append(f"model.pretrained: head dimension {head_dim} (hidden_size / num_attention_heads) "
+        p.append(f"model.pretrained: head dimension {head_dim:g} (hidden_size / num_attention_heads) "
                  "must be an even integer (rotary embeddings rotate pairs of dimensions)")
     if isinstance(cfg.data, DataConfig) and not tok_bad and not m.allow_tokenizer_mismatch:
         _check_same_tokenizer(cfg, local, p)

@@ -1,1 +1,6 @@
 """Sources -> documents -> tokenize -> pack -> shards; and the global-cursor loader."""
+
+
+class DataError(ValueError):
+    """The input data cannot make a data set (nothing usable left, too little text): the
+    message names the files and the reasons their records were set aside."""

@@ -10,6 +10,8 @@ from typing import Dict
 
 import numpy as np
 
+from tidal.data import DataError
+
 
 def plan(sources: np.ndarray, lengths: np.ndarray, is_val: np.ndarray, weights: Dict[str, float],
          mode: str, seed: int) -> np.ndarray:
@@ -26,7 +28,7 @@ def plan(sources: np.ndarray, lengths: np.ndarray, is_val: np.ndarray, weights: 
     avail = {k: int(lengths[(sources == k) & ~is_val].sum()) for k in weights}
     if any(v == 0 for v in avail.values()):
         empty = [k for k, v in avail.items() if v == 0]
-        raise ValueError(f"data.mixture: source(s) {', '.join(empty)} have no training tokens left "
+        raise DataError(f"data.mixture: source(s) {', '.join(empty)} have no training tokens left "
                          "after curation")
     pick = min if mode == "downsample" else max
     total = pick(avail[k] / share[k] for k in weights)

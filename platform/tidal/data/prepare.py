@@ -30,6 +30,7 @@ from tidal.data.curate import report as curate_report
 from tidal.data.curate.pipeline import CURATE_BATCH, curate_batch, find_duplicates
 from tidal.data.pack import ShardWriter
 from tidal.data.progress import StageProgress, report as report_progress, summary_line
+from tidal.data import DataError
 
 MANIFEST = "manifest.json"
 REPORT = "curation_report"
@@ -235,7 +236,7 @@ def _run(cfg: DataConfig, inputs, out_dir: str, log, stages: StageProgress) -> T
         curriculum = {"score": cfg.curriculum.score, "epochs": cfg.curriculum.epochs,
                       "file": "train_scores.npy", "sha256": digest}
     if stats["train"]["samples"] == 0:
-        raise ValueError(f"data '{cfg.name}': too little text for seq_len={cfg.seq_len}: "
+        raise DataError(f"data '{cfg.name}': too little text for seq_len={cfg.seq_len}: "
                          f"{stats['train']['samples']} train / {stats['val']['samples']} val samples")
     if stats["val"]["samples"] == 0:  # recorded as shards.val == []: training skips evaluation
         log(f"data '{cfg.name}': too little text for a validation split "
@@ -302,7 +303,7 @@ def _curate(cfg: DataConfig, docs, inputs, out_dir: str, log,
     report = curate_report.account(curated, dups, dedup_stats, side)
     if report["documents_kept"] == 0:
         tio.write_bytes(tio.join(out_dir, REPORT + ".json"), json.dumps(report, indent=2).encode())
-        raise ValueError(f"data '{cfg.name}': curation kept none of {report['records_in']:,} records "
+        raise DataError(f"data '{cfg.name}': curation kept none of {report['records_in']:,} records "
                          f"(dropped: {json.dumps(report['dropped'])}); by input:\n"
                          + _why_dropped(curated, inputs) + f"\nsee {tio.join(out_dir, REPORT + '.json')};"
                          " fix or remove these inputs, or relax data.curation")

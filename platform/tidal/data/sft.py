@@ -24,6 +24,7 @@ from tidal.data.formats import instruction_example
 from tidal.data.inputs import describe_embedded, describe_file
 from tidal.data.prepare import is_val
 from tidal.data.sources import EMPTY, json_records, read_raw, reasons_text
+from tidal.data import DataError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -107,7 +108,7 @@ def read_examples(cfg, parse: Callable, embedded: Dict[str, Callable[[], List[Di
 def no_usable(what: str, cfg, counts: Dict, inputs: List[Dict]) -> ValueError:
     """The error when every record was set aside: the totals, then each input and why."""
     lines = [f"  {e['uri']}: {reasons_text(e['set_aside'])}" for e in inputs if e["set_aside"]]
-    return ValueError(f"{what} '{cfg.name}': no usable examples in {counts['records']} records from "
+    return DataError(f"{what} '{cfg.name}': no usable examples in {counts['records']} records from "
                       f"{len(inputs)} input(s); set aside, by input:\n" + "\n".join(lines))
 
 

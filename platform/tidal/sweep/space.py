@@ -80,6 +80,10 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
     if sweep.job not in JOBS:
         return [f"job: '{sweep.job}' is not one of {', '.join(JOBS)}"]
     schema, validate, _ = JOBS[sweep.job]
+    from tidal.config.validate import check_credentials, check_name
+
+    check_name(p, "name", sweep.name)
+    check_credentials(p, sweep)
     if sweep.job != "pretrain" and not (base.get("model") or {}).get("pretrained"):
         p.append(f"overrides: the {sweep.job} job starts from an HF model directory; add "
                  "model.pretrained=<dir> (e.g. a pretraining run's hf/ export) to the overrides")

@@ -215,11 +215,57 @@ class _GCS:
         return True
 
 
-def _backend(uri: str):
+class _BestEffort:
+    """Object stores reached without a conditional-write client (``gs://`` without
+    google-cloud-storage): read-compare-write, which narrows but does not close the race
+    between two drivers starting within the same second."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    @staticmethod
+    def _token(body: bytes) -> str:
+        import hashlib
+
+        return hashlib.sha256(body).hexdigest()
+
+    def create(self, body: bytes) -> Optional[str]:
+        if tio.exists(self.uri):
+            return None
+        tio.write_bytes(self.uri, body)
+        return self._token(body) if self.read() == (body, self._token(body)) else None
+
+    def read(self) -> Optional[Tuple[bytes, str]]:
+        if not tio.exists(self.uri):
+            return None
+        body = tio.read_bytes(self.uri)
+        return body, self._token(body)
+
+    def swap(self, body: bytes, token: str) -> Optional[str]:
+        cur = self.read()
+        if cur is None or cur[1] != token:
+            return None
+        tio.write_bytes(self.uri, body)
+        return self._token(body)
+
+    def delete(self, token: str) -> bool:
+        cur = self.read()
+        if cur is None or cur[1] != token:
+            return False
+        tio.remove(self.uri)
+        return True
+
+
+def _backend(uri: str, log=print):
     if uri.startswith("s3://"):
         return _S3(uri)
     if tio.is_cloud(uri):
-        return _GCS(uri)
+        try:
+            return _GCS(uri)
+        except ImportError:
+            log("warning: google-cloud-storage is not installed: the run lease on gs:// is "
+                "checked without a conditional write (pip install google-cloud-storage)")
+            return _BestEffort(uri)
     return _Local(uri)
 
 
@@ -253,7 +299,7 @@ def acquire(run_storage: str, run: str, stale_s: float, take_over: bool = False,
             on_lost: Optional[Callable[[Dict], None]] = None) -> Lease:
     """Hold ``run``'s lease (see the module doc) and keep its heartbeat; raises LeaseHeld."""
     uri = tio.join(run_storage, LEASE)
-    store = _backend(uri)
+    store = _backend(uri, log)
     info = dict(_me(), holder=uuid.uuid4().hex, run=run)
     token = store.create(_body(info))
     while token is None:
@@ -316,4 +362,4 @@ def release(lease: Optional[Lease]) -> None:
     if lease.thread is not None:
         lease.thread.join(timeout=10)
     if not lease.lost.is_set():
-        _backend(lease.uri).delete(lease.token)
+        _backend(lease.uri, log=lambda m: None).delete(lease.token)
