@@ -6,7 +6,6 @@ any training."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time

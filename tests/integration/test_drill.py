@@ -2,7 +2,6 @@
 but a kill drill recovers with the same losses as an uninterrupted run; a driver killed
 outright leaves its events and a torn metrics line behind, and the next launch of the same
 run takes the run over, skips (and keeps) the torn line and finishes."""
-import json
 import os
 import signal
 import subprocess

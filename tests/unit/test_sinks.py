@@ -2,7 +2,6 @@
 configs carry no credentials."""
 import io
 import json
-import os
 
 from tidal.config import DPOConfig, PretrainConfig, from_dict, to_dict
 from tidal.config.redact import credential_problems, redact
