@@ -149,7 +149,7 @@ def reported(run_dir: str):
 
     try:
         yield
-    except (ConfigError, LeaseHeld, ExportRefused, DataError, FileNotFoundError,
+    except (ConfigError, LeaseHeld, ExportRefused, DataError,
             ResourcesUnavailable) as e:  # refused input: the message says what and where
         fail_line(e, 2)
     except RunStopped as e:  # the run stopped itself (divergence, a repeating failure)

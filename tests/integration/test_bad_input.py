@@ -209,7 +209,7 @@ time.sleep(600)
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_a_killed_driver_leaves_no_ray_processes(tmp_path, sig):
     import signal
 
@@ -233,3 +233,18 @@ def test_a_killed_driver_leaves_no_ray_processes(tmp_path, sig):
         time.sleep(1)
         left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert left == [], [psutil.Process(p).cmdline()[:2] for p in left if psutil.pid_exists(p)]
+
+
+@pytest.mark.integration
+def test_a_failure_after_start_is_one_line_and_the_traceback_goes_to_the_run(tmp_path):
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"name": "pydocs", "data_key": ')  # damaged by hand
+    p, ray_started, _ = _run(tmp_path, "pretrain.py", f"data.output_dir={data}", "run.name=broken")
+    assert p.returncode == 1 and ray_started
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "JSONDecodeError" in lines[0], p.stderr[-2000:]
+    log = tmp_path / "outputs" / "broken" / "error.log"
+    assert f"(full traceback in {log})" in p.stderr
+    assert "Traceback (most recent call last)" in log.read_text() and "Traceback" not in p.stderr
+    assert not (tmp_path / "outputs" / "broken" / "LEASE.json").exists()  # released on failure

@@ -79,8 +79,8 @@ def test_reward_job_resumes_from_a_mid_run_checkpoint_exactly(reward_run, base_m
                                 train={"stop_at_step": 20}))
     assert records(first["run_dir"])[-1]["step"] == 20
     s = run_reward(pair_cfg(RewardConfig, out, base_model, optim={"lr": 2e-3}, run={"name": name}))
-    starts = [e for e in events(s["run_dir"]) if e["event"] == "start"]  # this invocation's
-    assert [(e["step"], e["restored"]) for e in starts] == [(20, True)]
+    starts = [e for e in events(s["run_dir"]) if e["event"] == "start"]  # both invocations'
+    assert [(e["step"], e["restored"]) for e in starts] == [(0, False), (20, True)]
     full = {r["step"]: r for r in records(reward_run["run_dir"])}
     recs = records(s["run_dir"])
     assert [r["step"] for r in recs] == list(range(1, 41))

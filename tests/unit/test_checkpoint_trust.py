@@ -3,12 +3,10 @@ resumes from it or when it is exported, and with a key set only signed checkpoin
 import json
 import os
 import pickle
-import socket
 import subprocess
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from tests.conftest import PYTHON, ROOT
 from tidal.config import PretrainConfig, from_dict
@@ -23,16 +21,7 @@ TINY = {"model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_he
         "scaling": {"workers": 1, "precision": "fp32"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_rank_group():
-    """A real one-rank gloo process group (what the engine's device mesh needs)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo")
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_rank_group")
 
 
 def _engine():

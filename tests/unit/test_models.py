@@ -1,9 +1,5 @@
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from tidal.config import ModelConfig
 from tidal.models import build_model, count_params
@@ -11,18 +7,6 @@ from tidal.objectives import causal_lm_loss, split_sample
 from tidal.parallel import apply, decoder_blocks, make_mesh
 
 SMALL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
-
-
-@pytest.fixture(scope="module")
-def single_rank_group():
-    """A real one-rank gloo process group (what FSDP2 needs), torn down afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo")
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

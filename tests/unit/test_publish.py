@@ -98,7 +98,7 @@ def test_readers_refuse_unfinished_or_damaged_exports(tmp_path):
     dest = tmp_path / "hf"
     publish.publish(str(dest), _writer("ok"))
     (dest / "model.safetensors").write_text("truncat")
-    assert "model.safetensors: 7 bytes, exported 2" in publish.check_readable(str(dest))[0]
+    assert "model.safetensors: 7 bytes, exported 2 (truncated" in publish.check_readable(str(dest))[0]
 
     partial = tmp_path / "partial"
     partial.mkdir()

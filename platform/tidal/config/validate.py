@@ -132,6 +132,8 @@ def _check_same_tokenizer(cfg, model_dir: str, p: List[str]) -> None:
     fix = (f"set data.tokenizer.path={cfg.model.pretrained} (the model's own tokenizer), or "
            "model.allow_tokenizer_mismatch=true to continue with a new vocabulary on purpose")
     if path is None:
+        path = _prepared_tokenizer(cfg)  # data already prepared: its trained tokenizer
+    if path is None:
         p.append(f"data.tokenizer.path: empty, so a new BPE tokenizer would be trained for a "
                  f"pretrained model whose embeddings belong to its own; {fix}")
         return
@@ -144,6 +146,22 @@ def _check_same_tokenizer(cfg, model_dir: str, p: List[str]) -> None:
     if not same:
         p.append(f"data.tokenizer.path: '{path}' has another vocabulary than model.pretrained's "
                  f"tokenizer; {fix}")
+
+
+def _prepared_tokenizer(cfg):
+    """The tokenizer of this data config's prepared directory, when it is already there
+    (continued pretraining on the data a model was trained on); else None."""
+    from tidal.data.prepare import default_output_dir, load_manifest, tokenizer_path
+
+    root = cfg.run.storage_path or cfg.run.output_dir
+    if root.startswith(_CLOUD) or (cfg.data.output_dir or "").startswith(_CLOUD):
+        return None
+    data_dir = default_output_dir(cfg.data, os.path.abspath(os.path.expanduser(root)))
+    try:
+        manifest = load_manifest(data_dir)
+        return tokenizer_path(manifest, data_dir) if manifest else None
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def check_data(d: DataConfig, problems: List[str]) -> None:

@@ -64,6 +64,23 @@ def sha256_file(uri: str, chunk: int = 1 << 20) -> Tuple[str, int]:
     return h.hexdigest(), size
 
 
+def listing_problems(root: str, files: dict, full: bool, what: str) -> list:
+    """Problems of the files under ``root`` against a record ``{relative path: {"bytes",
+    "sha256"}}`` (a checkpoint's commit record, an export's marker): missing, another size,
+    and with ``full`` another SHA-256. ``what`` names the record in the messages."""
+    problems = []
+    for rel, info in sorted(files.items()):
+        path = join(root, *rel.split("/"))
+        size = file_size(path)
+        if size is None:
+            problems.append(f"{rel}: missing")
+        elif size != info["bytes"]:
+            problems.append(f"{rel}: {size} bytes, {what} {info['bytes']} (truncated or overwritten)")
+        elif full and sha256_file(path)[0] != info["sha256"]:
+            problems.append(f"{rel}: content differs from its {what} SHA-256 (corrupted)")
+    return problems
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a file whole: local files appear atomically (temp file + rename); object stores
     publish an object only when its upload completes."""

@@ -24,7 +24,7 @@ from tidal.data.formats import instruction_example
 from tidal.data.inputs import describe_embedded, describe_file
 from tidal.data.prepare import is_val
 from tidal.data.sources import EMPTY, json_records, read_raw, reasons_text
-from tidal.data import DataError
+from tidal.data import DataError, MissingInput
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -83,7 +83,7 @@ def read_examples(cfg, parse: Callable, embedded: Dict[str, Callable[[], List[Di
     for src in cfg.sources:
         uris = [src] if src in embedded else tio.expand(src)
         if not uris:
-            raise FileNotFoundError(f"data.sources: nothing matches {src!r}")
+            raise MissingInput(f"data.sources: nothing matches {src!r}")
         for uri in uris:
             if uri in embedded:
                 entry = describe_embedded(uri)

@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from tidal.config.schema import DataConfig, SourceConfig
 from tidal.data import io as tio
 from tidal.data.corpus import embedded_docs
+from tidal.data import MissingInput
 
 # git's rule for "binary": a NUL byte near the start. Text in UTF-8 never has one; images,
 # archives, pickles and UTF-16 files almost always do within the first few KB.
@@ -229,7 +230,7 @@ def list_inputs(cfg: DataConfig) -> List[Tuple[str, int]]:
                 continue
             files = tio.expand(src)
             if not files:
-                raise FileNotFoundError(f"data source '{src}' matched no files")
+                raise MissingInput(f"data source '{src}' matched no files")
             out.extend((f, g) for f in files)
     return out
 

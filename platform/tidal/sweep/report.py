@@ -49,7 +49,8 @@ def collect(grid, sweep, base: Dict) -> List[Dict]:
         params = {p.key: coerce(p, result.config[p.key]) for p in sweep.search.space if p.key in result.config}
         trial = os.path.basename(result.path.rstrip("/"))
         tid = hist[-1].get("trial_id") if hist else None
-        row = {"trial": tid or trial, "dir": result.path, **params, "history": hist}
+        # a trial id of digits only reads back from progress.csv as a number
+        row = {"trial": str(tid or trial), "dir": result.path, **params, "history": hist}
         if hist:
             best = min(hist, key=lambda h: sign * h[sweep.metric])
             last = hist[-1]
@@ -101,7 +102,7 @@ def table(rows: List[Dict], sweep) -> None:
     for col in ["#", "trial", *keys, f"best {sweep.metric}", "at step", "tokens seen", "status"]:
         t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(str(r["rank"]), r["trial"], *[escape(_fmt(r.get(k, ""))) for k in keys],
+        t.add_row(str(r["rank"]), escape(str(r["trial"])), *[escape(_fmt(r.get(k, ""))) for k in keys],
                   _fmt(r.get(f"best_{sweep.metric}", "-")), str(r.get("best_step", "-")),
                   f"{r.get('tokens_seen', 0):,}", r["status"],
                   style="bold green" if r["rank"] == 1 and "checkpoint" in r else None)

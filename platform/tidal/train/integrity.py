@@ -112,18 +112,10 @@ def verify(ckpt_dir: str, full: bool = True) -> List[str]:
             return [f"{COMMIT}: signature does not match {KEY_ENV} (tampered with, or signed "
                     "with another key)"]
     problems = [f"{COMMIT} does not cover {name}" for name in REQUIRED if name not in marker["files"]]
-    for rel, info in sorted(marker.get("files", {}).items()):
-        if not _safe_rel(rel):
-            problems.append(f"{rel}: not a path inside the checkpoint")
-            continue
-        path = tio.join(ckpt_dir, *rel.split("/"))
-        size = tio.file_size(path)
-        if size is None:
-            problems.append(f"{rel}: missing")
-        elif size != info["bytes"]:
-            problems.append(f"{rel}: {size} bytes, committed {info['bytes']} (truncated or overwritten)")
-        elif full and tio.sha256_file(path)[0] != info["sha256"]:
-            problems.append(f"{rel}: content differs from its committed SHA-256 (corrupted)")
+    unsafe = [rel for rel in marker["files"] if not _safe_rel(rel)]
+    problems += [f"{rel}: not a path inside the checkpoint" for rel in unsafe]
+    listed = {rel: info for rel, info in marker["files"].items() if rel not in unsafe}
+    problems += tio.listing_problems(ckpt_dir, listed, full, "committed")
     if not marker.get("files"):
         problems.append(f"{COMMIT} lists no files")
     return problems

@@ -64,17 +64,7 @@ def export_problems(root: str, full: bool = False) -> Optional[List[str]]:
         if tio.exists(tio.join(root, PARTIAL)) or tio.exists(tio.join(root, MARKER)):
             return [f"an unfinished tidal export (no valid {MARKER}): the export was interrupted"]
         return None
-    problems = []
-    for rel, info in sorted(marker["files"].items()):
-        path = tio.join(root, *rel.split("/"))
-        size = tio.file_size(path)
-        if size is None:
-            problems.append(f"{rel}: missing")
-        elif size != info["bytes"]:
-            problems.append(f"{rel}: {size} bytes, exported {info['bytes']}")
-        elif full and tio.sha256_file(path)[0] != info["sha256"]:
-            problems.append(f"{rel}: content differs from the exported SHA-256")
-    return problems
+    return tio.listing_problems(root, marker["files"], full, "exported")
 
 
 def check_readable(root: str) -> List[str]:
