@@ -114,17 +114,31 @@ CONFIG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("job,overrides,expected", CONFIG_CASES,
-                         ids=[f"{c[0]}:{c[1][0][:40]}" for c in CONFIG_CASES])
-def test_bad_config_is_refused_before_ray_starts(models, tmp_path, job, overrides, expected):
-    def fill(text):
-        for name, path in models.items():
-            text = text.replace(f"<{name}>", path)
-        return text
+def _fill(models, text):
+    for name, path in models.items():
+        text = text.replace(f"<{name}>", path)
+    return text
 
-    p, ray_started, _ = _run(tmp_path, job, *map(fill, overrides))
+
+@pytest.fixture(scope="module")
+def config_results(models, tmp_path_factory):
+    """Every config case run through its job, three at a time (each is a fresh process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        job, overrides, _ = CONFIG_CASES[i]
+        return _run(tmp_path_factory.mktemp(f"case{i}"), job, *(_fill(models, o) for o in overrides))
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return list(pool.map(one, range(len(CONFIG_CASES))))
+
+
+@pytest.mark.parametrize("case", range(len(CONFIG_CASES)),
+                         ids=[f"{c[0]}:{c[1][0][:40]}" for c in CONFIG_CASES])
+def test_bad_config_is_refused_before_ray_starts(models, config_results, case):
+    p, ray_started, _ = config_results[case]
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
-    assert fill(expected) in p.stderr, p.stderr
+    assert _fill(models, CONFIG_CASES[case][2]) in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
     assert not ray_started
 

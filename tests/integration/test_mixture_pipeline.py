@@ -12,7 +12,7 @@ from tidal.config import DataConfig, from_dict, to_dict
 from tidal.data.prepare import prepare
 from tidal.train.launch import run_pretrain
 
-pytestmark = [pytest.mark.integration, needs_shakespeare]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
 WEIGHTS = {"shakespeare": 0.6, "alpaca": 0.25, "hh_rlhf": 0.15}
 
 

@@ -9,7 +9,7 @@ from tests.integration.conftest import _merge, events, needs_shakespeare, record
 from tidal.config import DPOConfig, RewardConfig, from_dict, to_dict, validate_pairs
 from tidal.train.launch import run_dpo, run_pretrain, run_reward
 
-pytestmark = [pytest.mark.integration, needs_shakespeare]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
 HH = os.path.join(SHARED_DATA, "hh-rlhf", "harmless-base-pairs.jsonl.gz")
 
 

@@ -89,6 +89,7 @@ def test_two_workers_learn_and_export_loads_and_generates(ray_local, out):
     assert records(cont["run_dir"])[0]["loss"] < first - 2.0
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_losses(ray_local, out):
     det = {"train": {"deterministic": True}}
     full = run_pretrain(small_cfg(out, run={"name": "full"}, **det))

@@ -11,7 +11,7 @@ from tests.integration.conftest import events, needs_shakespeare, records, small
 from tidal.train import integrity
 from tidal.train.launch import RunStopped, run_pretrain
 
-pytestmark = [pytest.mark.integration, needs_shakespeare]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
 
 DET = {"deterministic": True, "max_steps": 12, "checkpoint_every": 4, "eval_every": 4,
        "keep_checkpoints": 4}

@@ -10,7 +10,7 @@ from tests.integration.conftest import _merge, needs_shakespeare, records, small
 from tidal.config import SFTConfig, from_dict, to_dict, validate_sft
 from tidal.train.launch import run_pretrain, run_sft
 
-pytestmark = [pytest.mark.integration, needs_shakespeare]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
 ALPACA = os.path.join(SHARED_DATA, "alpaca", "alpaca_5000.json")
 
 

@@ -15,7 +15,7 @@ from tidal.config import SweepConfig, from_dict, to_dict
 from tidal.sweep import run_sweep
 from tidal.train import integrity
 
-pytestmark = [pytest.mark.integration, needs_shakespeare]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
