@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.conftest import PYTHON, ROOT
+from tests.integration.conftest import needs_shakespeare
 
 JOBS = os.path.join(ROOT, "jobs")
 # Runs a job as `python jobs/<job>.py args`, recording in $RAY_MARKER whether ray.init ran.
@@ -262,3 +263,23 @@ def test_a_failure_after_start_is_one_line_and_the_traceback_goes_to_the_run(tmp
     assert f"(full traceback in {log})" in p.stderr
     assert "Traceback (most recent call last)" in log.read_text() and "Traceback" not in p.stderr
     assert not (tmp_path / "outputs" / "broken" / "LEASE.json").exists()  # released on failure
+
+
+@pytest.mark.integration
+@needs_shakespeare
+def test_on_a_joined_cluster_the_run_waits_for_its_deadline_then_fails(ray_local):
+    """Joined (not started here), the cluster may have an autoscaler: the run waits up to
+    scaling.start_timeout_s for its workers, then fails saying what was asked and what exists."""
+    from tests.integration.conftest import small_cfg
+    from tidal.train.resources import ResourcesUnavailable, ensure_placeable
+
+    cfg = small_cfg("/tmp/unused", scaling={"workers": 8, "start_timeout_s": 3},
+                    train={"micro_batch_size": 2})
+    notes = []
+    t0 = time.time()
+    with pytest.raises(ResourcesUnavailable, match=r"asks for 8 worker\(s\).*4 CPU .*not offered "
+                                                   r"within scaling.start_timeout_s=3s"):
+        ensure_placeable(cfg, use_gpu=False, log=notes.append)
+    assert 3 <= time.time() - t0 < 30
+    assert "waiting up to 3s" in notes[0]
+    ensure_placeable(small_cfg("/tmp/unused", scaling={"workers": 2}), use_gpu=False)  # fits: no wait
