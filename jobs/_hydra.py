@@ -164,11 +164,13 @@ def reported(run_dir: str):
 
 
 def _error_log(run_dir: str, err: BaseException) -> str:
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, "error.log")
-    except OSError:
-        path = os.path.join(os.getcwd(), "tidal-error.log")
+    path = os.path.join(os.getcwd(), "tidal-error.log")  # cloud run dirs: here instead
+    if "://" not in run_dir:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            path = os.path.join(run_dir, "error.log")
+        except OSError:
+            pass
     with open(path, "a") as f:
         f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
         f.write("".join(traceback.format_exception(err)))

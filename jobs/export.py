@@ -30,14 +30,15 @@ def main(cfg) -> None:
     dest = config.output or f"{parent}/hf-{name}"
     if "://" not in dest:
         dest = os.path.abspath(os.path.expanduser(dest))
-    try:
-        out = export_checkpoint(ckpt, dest, overwrite=config.overwrite)
-    except (ExportRefused, UnsafeCheckpointError, FileNotFoundError) as e:
-        _hydra.fail_line(e)
-    except ValueError as e:  # a checkpoint that is not committed, intact or signed
-        if "checkpoint" not in str(e):
-            raise
-        _hydra.fail_line(e)
+    with _hydra.reported(parent if "://" not in parent else os.getcwd()):
+        try:
+            out = export_checkpoint(ckpt, dest, overwrite=config.overwrite)
+        except (ExportRefused, UnsafeCheckpointError, FileNotFoundError) as e:
+            _hydra.fail_line(e)
+        except ValueError as e:  # a checkpoint that is not committed, intact or signed
+            if "checkpoint" not in str(e):
+                raise
+            _hydra.fail_line(e)
     print_summary("exported", {"checkpoint": ckpt, "hf_export": out})
 
 

@@ -23,11 +23,11 @@ def main(cfg) -> None:
     from tidal.tracking.console import print_summary
     from tidal.train.launch import run_reward
 
-    if not config.model.pretrained:
-        config = replace(config, model=replace(config.model, pretrained=latest_export(config.run.output_dir)))
-        config = _hydra.revalidate(config, validate_pairs)
-        print(f"starting from {config.model.pretrained}")
     with _hydra.reported(_hydra.run_dir(config)):
+        if not config.model.pretrained:  # the newest export (running the earlier stages first)
+            config = replace(config, model=replace(config.model, pretrained=latest_export(config.run.output_dir)))
+            config = _hydra.revalidate(config, validate_pairs)
+            print(f"starting from {config.model.pretrained}")
         summary = run_reward(config)
     print_summary("reward model finished", summary)
 

@@ -52,11 +52,11 @@ def main(cfg) -> None:
     from tidal.tracking.console import print_summary
     from tidal.train.launch import run_sft
 
-    if not config.model.pretrained:
-        config = replace(config, model=replace(config.model, pretrained=main_model(config.run.output_dir)))
-        config = _hydra.revalidate(config, validate_sft)
-        print(f"starting from {config.model.pretrained}")
     with _hydra.reported(_hydra.run_dir(config)):
+        if not config.model.pretrained:  # the newest export (running the earlier stages first)
+            config = replace(config, model=replace(config.model, pretrained=main_model(config.run.output_dir)))
+            config = _hydra.revalidate(config, validate_sft)
+            print(f"starting from {config.model.pretrained}")
         summary = run_sft(config)
     print_summary("SFT finished", summary)
 

@@ -281,5 +281,5 @@ def test_on_a_joined_cluster_the_run_waits_for_its_deadline_then_fails(ray_local
                                                    r"within scaling.start_timeout_s=3s"):
         ensure_placeable(cfg, use_gpu=False, log=notes.append)
     assert 3 <= time.time() - t0 < 30
-    assert "waiting up to 3s" in notes[0]
+    assert notes == []  # under 5 s: no "waiting" notice
     ensure_placeable(small_cfg("/tmp/unused", scaling={"workers": 2}), use_gpu=False)  # fits: no wait

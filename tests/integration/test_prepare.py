@@ -144,3 +144,20 @@ def test_prepared_data_is_prepared_again_when_its_inputs_change(ray_local, corpu
     a = lambda m: next(i for i in m["inputs"] if i["uri"].endswith("a.txt"))  # noqa: E731
     assert a(second)["sha256"] != a(first)["sha256"]
     assert second["counts"]["train"]["tokens"] < first["counts"]["train"]["tokens"]
+
+
+def test_changed_inputs_under_a_resumed_run_are_refused_before_training(ray_local, corpus, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from tidal.data import DataError
+    from tidal.train.launch import ensure_data
+
+    src = tmp_path / "src"
+    shutil.copytree(corpus, src)
+    cfg = replace(_cfg(src), output_dir=str(tmp_path / "data"))
+    _, first = ensure_data(cfg, str(tmp_path))
+    (src / "a.txt").write_text("\n\n".join(PARAS[:10]))
+    with pytest.raises(DataError, match="changed since it was prepared, and this run resumes from ckpt"):
+        ensure_data(cfg, str(tmp_path), resuming="ckpt")
+    assert json.load(open(tmp_path / "data" / "manifest.json")) == first  # the old shards stay

@@ -136,7 +136,7 @@ def test_training_with_checkpoints_and_export_on_s3(s3_ray, tmp_path):
     ckpt = "s3://tidal-test/runs/s3run/checkpoint_0000004"
     from tidal.train.export import export_checkpoint
 
-    with pytest.raises(publish.ExportRefused, match="not a tidal export"):
+    with pytest.raises(publish.ExportRefused, match="files tidal did not export"):
         export_checkpoint(ckpt, "s3://tidal-test/theirs")
     assert tio.read_bytes("s3://tidal-test/theirs/notes.txt") == b"keep me"
     export_checkpoint(ckpt, summary["hf_export"])

@@ -82,7 +82,10 @@ def test_crafted_metadata_is_refused_on_resume_and_export(tmp_path):
     _checkpoint(path)
     target = str(tmp_path / "code-ran")
     _tamper_metadata(path, target)
-    assert integrity.verify(path) == []  # the record was rewritten: only the loader can tell
+    # the record was rewritten, every digest matches: the metadata check itself refuses it,
+    # so a resume skips it like a damaged checkpoint instead of retrying it
+    assert integrity.verify(path, full=False) == []
+    assert "refused to load 'io.open'" in integrity.verify(path)[0]
     with pytest.raises(UnsafeCheckpointError, match="refused to load 'io.open'"):
         ckpt.load(_engine(), path)
     assert not os.path.exists(target)
@@ -170,3 +173,37 @@ def test_export_job_refuses_a_foreign_output_and_changes_nothing(tmp_path):
     assert sorted(os.listdir(outputs)) == ["other-run"]
     assert {p: open(os.path.join(outputs, p), "rb").read() for p in before} == before
     assert sorted(os.listdir(tmp_path)) == ["outputs", "run"]
+
+
+def test_metadata_cannot_point_outside_the_checkpoint(tmp_path):
+    """DCP joins each entry's relative path onto the checkpoint directory: a crafted one
+    could read any file on the node into the model. Only the checkpoint's own shards pass."""
+    path = str(tmp_path / "checkpoint_0000003")
+    _checkpoint(path)
+    secret = tmp_path / "secret.distcp"
+    secret.write_bytes(b"x" * 64)
+    meta_file = os.path.join(path, ".metadata")
+    good = pickle.load(open(meta_file, "rb"))
+    for bad in ("../secret.distcp", str(secret), "/dev/zero"):
+        meta = pickle.load(open(meta_file, "rb"))
+        for key, info in meta.storage_data.items():
+            meta.storage_data[key] = type(info)(relative_path=bad, offset=info.offset, length=info.length,
+                                                transform_descriptors=info.transform_descriptors)
+        pickle.dump(meta, open(meta_file, "wb"))
+        with pytest.raises(UnsafeCheckpointError, match="only the checkpoint's own"):
+            ckpt.load(_engine(), path)
+    pickle.dump(good, open(meta_file, "wb"))
+    ckpt.load(_engine(), path)  # the original still loads
+
+
+def test_a_signed_checkpoint_is_bound_to_its_run_and_step(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv(integrity.KEY_ENV, "s3cret")
+    path = str(tmp_path / "run-a" / "checkpoint_0000003")
+    _checkpoint(path)
+    assert integrity.verify(path) == []
+    for elsewhere in (tmp_path / "run-b" / "checkpoint_0000003", tmp_path / "run-a" / "checkpoint_0000009"):
+        shutil.copytree(path, elsewhere)
+        assert "a signed checkpoint is bound to its run and step" in integrity.verify(str(elsewhere))[0]
+        assert integrity.verify(str(elsewhere), copy=True) == []  # a download of a verified one

@@ -80,12 +80,17 @@ def test_the_displaced_holder_learns_at_its_next_heartbeat(tmp_path):
     lease.release(second)
 
 
-def test_a_torn_lease_file_is_taken_over(tmp_path):
+def test_a_lease_file_tidal_did_not_write_whole_counts_by_its_age(tmp_path):
     path = tmp_path / "run" / lease.LEASE
     path.parent.mkdir()
-    path.write_text('{"holder": "x", "heartbe')
+    path.write_text('{"holder": "x", "heartbe')  # no tidal driver writes this (link-created)
+    with pytest.raises(LeaseHeld):  # fresh: someone may be writing it
+        lease.acquire(str(path.parent), "r", stale_s=60)
+    old = time.time() - 120
+    os.utime(path, (old, old))
     held = lease.acquire(str(path.parent), "r", stale_s=60, log=lambda m: None)
     assert json.load(open(path))["holder"] == held.info["holder"]
+    assert not [p for p in os.listdir(path.parent) if ".new" in p]  # no temporary left
     lease.release(held)
 
 

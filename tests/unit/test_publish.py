@@ -113,3 +113,27 @@ def test_readers_refuse_unfinished_or_damaged_exports(tmp_path):
     foreign.mkdir()
     (foreign / "config.json").write_text("{}")
     assert publish.check_readable(str(foreign)) == []  # any HF directory tidal did not write
+
+
+def test_an_export_with_files_someone_added_is_not_replaced_silently(tmp_path):
+    dest = tmp_path / "hf"
+    publish.publish(str(dest), _writer("one"))
+    (dest / "MODEL_CARD.md").write_text("my notes")
+    with pytest.raises(ExportRefused, match="added to one"):
+        publish.publish(str(dest), _writer("two"))
+    assert (dest / "MODEL_CARD.md").read_text() == "my notes"
+    publish.publish(str(dest), _writer("two"), overwrite=True, log=lambda m: None)
+    aside = [p for p in os.listdir(tmp_path) if p.startswith("hf.replaced-")]
+    assert len(aside) == 1 and (tmp_path / aside[0] / "MODEL_CARD.md").read_text() == "my notes"
+
+
+def test_a_marker_cannot_name_files_outside_the_export(tmp_path):
+    dest = tmp_path / "hf"
+    publish.publish(str(dest), _writer("one"))
+    marker = json.load(open(dest / publish.MARKER))
+    marker["files"]["../victim.txt"] = {"bytes": 1, "sha256": "0"}
+    json.dump(marker, open(dest / publish.MARKER, "w"))
+    (tmp_path / "victim.txt").write_text("v")
+    assert publish.export_problems(str(dest)) == [
+        f"an unfinished tidal export (no valid {publish.MARKER}): the export was interrupted"]
+    assert (tmp_path / "victim.txt").read_text() == "v"

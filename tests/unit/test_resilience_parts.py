@@ -14,6 +14,17 @@ from tidal.train.guards import DivergenceGuard
 from tidal.train.launch import check_resume, config_drift
 
 
+def _empty_dcp_metadata() -> bytes:
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    return pickle.dumps(Metadata(state_dict_metadata={}, storage_data={}))
+
+
+_EMPTY_DCP_METADATA = _empty_dcp_metadata()
+
+
 def _fake_checkpoint(run_dir, step, files, world=2, commit=True, config=None):
     """A checkpoint directory as the workers leave it: each rank writes and digests its
     files in a staging directory, then they are merged into storage (as Ray Train does)."""
@@ -24,7 +35,7 @@ def _fake_checkpoint(run_dir, step, files, world=2, commit=True, config=None):
         mine = {f"__{rank}_0.distcp": files.get(rank, b"x" * (100 + rank))}
         if rank == 0:
             mine["trainer_state.json"] = json.dumps({"step": step, "config": config or {}}).encode()
-            mine[".metadata"] = b"dcp metadata"
+            mine[".metadata"] = _EMPTY_DCP_METADATA
         for name, data in mine.items():
             with open(os.path.join(staging, name), "wb") as f:
                 f.write(data)

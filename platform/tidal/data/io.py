@@ -67,7 +67,8 @@ def sha256_file(uri: str, chunk: int = 1 << 20) -> Tuple[str, int]:
 def listing_problems(root: str, files: dict, full: bool, what: str) -> list:
     """Problems of the files under ``root`` against a record ``{relative path: {"bytes",
     "sha256"}}`` (a checkpoint's commit record, an export's marker): missing, another size,
-    and with ``full`` another SHA-256. ``what`` names the record in the messages."""
+    and with ``full`` (True, or a collection of paths) another SHA-256. ``what`` names the
+    record in the messages."""
     problems = []
     for rel, info in sorted(files.items()):
         path = join(root, *rel.split("/"))
@@ -76,7 +77,7 @@ def listing_problems(root: str, files: dict, full: bool, what: str) -> list:
             problems.append(f"{rel}: missing")
         elif size != info["bytes"]:
             problems.append(f"{rel}: {size} bytes, {what} {info['bytes']} (truncated or overwritten)")
-        elif full and sha256_file(path)[0] != info["sha256"]:
+        elif (full is True or (full and rel in full)) and sha256_file(path)[0] != info["sha256"]:
             problems.append(f"{rel}: content differs from its {what} SHA-256 (corrupted)")
     return problems
 

@@ -84,7 +84,9 @@ def export_checkpoint(checkpoint_dir: str, dest: str, overwrite: bool = False) -
 
     integrity.require_valid(checkpoint_dir)  # nothing is read from it before this
     check_destination(dest, overwrite)
-    checkpoint_dir = tio.local_dir(checkpoint_dir)  # a checkpoint on s3:// / gs:// is fetched
+    if tio.is_cloud(checkpoint_dir):  # fetched (or cached): the copy is what is read
+        checkpoint_dir = tio.local_dir(checkpoint_dir)
+        integrity.require_valid(checkpoint_dir, copy=True)
     meta = os.path.join(checkpoint_dir, HF_META)
     config = AutoConfig.from_pretrained(meta, local_files_only=True)
     with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:

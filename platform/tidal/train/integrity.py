@@ -84,7 +84,8 @@ def commit(ckpt_dir: str, world: int, step: int, extra: Optional[Dict] = None) -
                 raise RuntimeError(f"checkpoint {ckpt_dir}: ranks wrote different {rel}")
             files[rel] = info
     marker = {"step": step, "world_size": world, "committed_at": time.time(), "files": files,
-              **(extra or {})}
+              # where it belongs: a signed record vouches for this run's checkpoint at this step
+              "location": _location(ckpt_dir), **(extra or {})}
     key = signing_key()
     if key is not None:
         marker["signature"] = {"alg": "hmac-sha256", "value": _signature(marker, key)}
@@ -92,25 +93,32 @@ def commit(ckpt_dir: str, world: int, step: int, extra: Optional[Dict] = None) -
     return marker
 
 
-def verify(ckpt_dir: str, full: bool = True) -> List[str]:
+def _location(ckpt_dir: str) -> str:
+    """``<run>/<checkpoint_N>``: the last two parts of a checkpoint's path."""
+    parts = ckpt_dir.rstrip("/").replace(os.sep, "/").split("/")
+    return "/".join(parts[-2:])
+
+
+def verify(ckpt_dir: str, full=True, copy: bool = False) -> List[str]:
     """Problems with ``ckpt_dir`` (empty when it is committed and intact). ``full`` checks
-    every file's digest; otherwise sizes only (cheap, for a first look from the driver)."""
+    every file's digest, False sizes only (cheap, for a first look from the driver), or a
+    collection of names whose digests to check. A ``copy`` (a local download of a
+    checkpoint verified in storage) is not held to the signed location."""
     try:
         marker = json.loads(tio.read_bytes(tio.join(ckpt_dir, COMMIT)))
     except FileNotFoundError:
         return [f"no {COMMIT} (the save never finished)"]
     except (OSError, ValueError) as e:
         return [f"unreadable {COMMIT}: {e}"]
-    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in marker["files"].values()):
         return [f"{COMMIT} is not a commit record"]
     key = signing_key()
     if key is not None:
-        sig = marker.get("signature")
-        if not isinstance(sig, dict) or "value" not in sig:
-            return [f"{COMMIT} is not signed and {KEY_ENV} is set: unsigned checkpoints are refused"]
-        if not hmac.compare_digest(str(sig["value"]), _signature(marker, key)):
-            return [f"{COMMIT}: signature does not match {KEY_ENV} (tampered with, or signed "
-                    "with another key)"]
+        problem = _signature_problem(marker, key, None if copy else _location(ckpt_dir))
+        if problem:
+            return [problem]
     problems = [f"{COMMIT} does not cover {name}" for name in REQUIRED if name not in marker["files"]]
     unsafe = [rel for rel in marker["files"] if not _safe_rel(rel)]
     problems += [f"{rel}: not a path inside the checkpoint" for rel in unsafe]
@@ -118,7 +126,33 @@ def verify(ckpt_dir: str, full: bool = True) -> List[str]:
     problems += tio.listing_problems(ckpt_dir, listed, full, "committed")
     if not marker.get("files"):
         problems.append(f"{COMMIT} lists no files")
+    if full is True and not problems:
+        problems += _metadata_problems(ckpt_dir)
     return problems
+
+
+def _signature_problem(marker: Dict, key: bytes, location: Optional[str]) -> Optional[str]:
+    sig = marker.get("signature")
+    if not isinstance(sig, dict) or not isinstance(sig.get("value"), str):
+        return f"{COMMIT} is not signed and {KEY_ENV} is set: unsigned checkpoints are refused"
+    if not hmac.compare_digest(sig["value"].encode(), _signature(marker, key).encode()):
+        return f"{COMMIT}: signature does not match {KEY_ENV} (tampered with, or signed with another key)"
+    if location is not None and marker.get("location") != location:
+        return (f"{COMMIT}: signed for {marker.get('location')!r}, found at {location!r} (a signed "
+                "checkpoint is bound to its run and step)")
+    return None
+
+
+def _metadata_problems(ckpt_dir: str) -> List[str]:
+    """The DCP metadata must pass the restricted loader: a checkpoint whose metadata would
+    be refused at load time is skipped like a damaged one, not retried."""
+    from tidal.train.safe_dcp import UnsafeCheckpointError, check_metadata
+
+    try:
+        check_metadata(tio.read_bytes(tio.join(ckpt_dir, ".metadata")), tio.join(ckpt_dir, ".metadata"))
+    except UnsafeCheckpointError as e:
+        return [str(e)]
+    return []
 
 
 def _safe_rel(rel: str) -> bool:
@@ -126,10 +160,10 @@ def _safe_rel(rel: str) -> bool:
     return bool(rel) and not rel.startswith("/") and ".." not in parts and "" not in parts
 
 
-def require_valid(ckpt_dir: str, what: str = "checkpoint") -> None:
+def require_valid(ckpt_dir: str, what: str = "checkpoint", copy: bool = False) -> None:
     """Raise ValueError unless ``ckpt_dir`` is committed, intact (every digest) and, with a
     key set, signed: checked before anything in it is loaded."""
-    problems = verify(ckpt_dir, full=True)
+    problems = verify(ckpt_dir, full=True, copy=copy)
     if problems:
         raise ValueError(f"{what}: {ckpt_dir} is not a committed, intact checkpoint: "
                          + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))

@@ -103,7 +103,7 @@ def check_resume(cfg: PretrainConfig, run_storage: str, log=print) -> Optional[s
     return path
 
 
-def ensure_data(data_cfg, root: str, log=print) -> tuple[str, Dict]:
+def ensure_data(data_cfg, root: str, log=print, resuming: Optional[str] = None) -> tuple[str, Dict]:
     """The prepared data directory and its manifest, preparing it first when missing.
     Refuses shards that were prepared with a different data config."""
     data_dir = default_output_dir(data_cfg, root if tio.is_cloud(root) else os.path.abspath(root))
@@ -116,17 +116,23 @@ def ensure_data(data_cfg, root: str, log=print) -> tuple[str, Dict]:
             f"data.output_dir: {data_dir} holds data prepared with another data config "
             f"(key {manifest.get('data_key')}, this config: {data_key(data_cfg)}; its config is in "
             f"{tio.join(data_dir, 'manifest.json')}); point data.output_dir elsewhere or remove it")
-    elif _stale(manifest, data_cfg, data_dir, log):
+    elif _stale(manifest, data_cfg, data_dir, log, resuming):
         manifest = prepare(data_cfg, data_dir, log=log)
     return data_dir, manifest
 
 
-def _stale(manifest: Dict, data_cfg, data_dir: str, log) -> bool:
+def _stale(manifest: Dict, data_cfg, data_dir: str, log, resuming: Optional[str] = None) -> bool:
     """Whether the inputs changed since ``data_dir`` was prepared (then it is prepared again:
-    a run never trains on shards of files that are no longer what they were)."""
+    a run never trains on shards of files that are no longer what they were). A run that
+    resumes is refused instead: its checkpoint's data cursor points into the old shards."""
+    from tidal.data import DataError
     from tidal.data.inputs import changed_inputs
 
     stale = changed_inputs(manifest, data_cfg)
+    if stale and resuming:
+        raise DataError(f"the inputs of {data_dir} changed since it was prepared, and this run "
+                        f"resumes from {resuming}, trained on the old data: restore the inputs, or "
+                        "start a new run (another run.name) on the new data:\n  " + "\n  ".join(stale[:10]))
     if stale:
         log(f"the inputs of {data_dir} changed since it was prepared; preparing it again:\n  "
             + "\n  ".join(stale[:10]) + (f"\n  (+{len(stale) - 10} more)" if len(stale) > 10 else ""))
@@ -241,7 +247,8 @@ def scaling_config(cfg: PretrainConfig, use_gpu: bool, **extra):
     return ray.train.ScalingConfig(**kw)
 
 
-def ensure_post_data(cfg, root: str, kind: str, log=print) -> tuple[str, Dict]:
+def ensure_post_data(cfg, root: str, kind: str, log=print,
+                     resuming: Optional[str] = None) -> tuple[str, Dict]:
     """SFT (``kind="sft"``) or preference-pair (``"pairs"``) shards for ``cfg.data``,
     tokenized with ``cfg.model.pretrained``'s tokenizer and chat template."""
     from tidal.data import pairs as pair_data
@@ -258,16 +265,17 @@ def ensure_post_data(cfg, root: str, kind: str, log=print) -> tuple[str, Dict]:
         manifest = prep(cfg.data, tok_src, data_dir, log)
     elif manifest.get("data_key") != mod.data_key(cfg.data) or manifest.get("kind") != kind:
         raise ValueError(f"data.output_dir: {data_dir} holds data prepared with another config")
-    elif _stale(manifest, cfg.data, data_dir, log):
+    elif _stale(manifest, cfg.data, data_dir, log, resuming):
         manifest = prep(cfg.data, tok_src, data_dir, log)
     return data_dir, manifest
 
 
-def ensure_job_data(cfg, storage: str, objective: str, log=print) -> tuple[str, Dict]:
+def ensure_job_data(cfg, storage: str, objective: str, log=print,
+                    resuming: Optional[str] = None) -> tuple[str, Dict]:
     """The prepared data an objective trains on: a pretraining corpus, SFT rows or pairs."""
     if objective == "lm":
-        return ensure_data(cfg.data, storage, log)
-    return ensure_post_data(cfg, storage, "sft" if objective == "sft" else "pairs", log)
+        return ensure_data(cfg.data, storage, log, resuming)
+    return ensure_post_data(cfg, storage, "sft" if objective == "sft" else "pairs", log, resuming)
 
 
 def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
@@ -356,7 +364,7 @@ def _run(cfg, log, objective: str, on_record, cancel: threading.Event, run_stora
     ensure_placeable(cfg, use_gpu, log)
     # Prepared data sits beside the checkpoints, so that every node reaches it when the
     # storage is shared (s3://, gs://, NFS).
-    data_dir, manifest = ensure_job_data(cfg, storage, objective, log)
+    data_dir, manifest = ensure_job_data(cfg, storage, objective, log, resuming=resume)
     run_dir = os.path.join(root, cfg.run.name)
     os.makedirs(run_dir, exist_ok=True)
     config = redact(to_dict(cfg))  # every persisted copy: no credentials

@@ -77,15 +77,20 @@ class _Local:
         os.close(fd)  # releases the flock
 
     def create(self, body: bytes) -> Optional[str]:
+        """Written whole beside the lease, then hard-linked to its name: the link is the
+        exclusive create (it fails if the lease exists), and nobody ever reads a half file."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return None
-        with os.fdopen(fd, "wb") as f:
+        tmp = f"{self.path}.new{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        with open(tmp, "wb") as f:
             f.write(body)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return None
+        finally:
+            os.remove(tmp)
         return self._token(body)
 
     @staticmethod
@@ -101,6 +106,12 @@ class _Local:
         except FileNotFoundError:
             return None
         return body, self._token(body)
+
+    def modified(self) -> float:
+        try:
+            return os.path.getmtime(self.path)
+        except OSError:
+            return 0.0
 
     def swap(self, body: bytes, token: str) -> Optional[str]:
         fd = self._lock()
@@ -138,14 +149,16 @@ class _S3:
         self.bucket, self.key = bucket, key
         self.client = boto3.client("s3")
 
+    # the object changed or went away under a conditional request: the lease is not ours
+    LOST = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404")
+
     def _put(self, body: bytes, **cond) -> Optional[str]:
         from botocore.exceptions import ClientError
 
         try:
             out = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **cond)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
-                                                           "ConditionalRequestConflict"):
+            if e.response.get("Error", {}).get("Code") in self.LOST:
                 return None
             raise
         return out["ETag"]
@@ -167,11 +180,24 @@ class _S3:
     def swap(self, body: bytes, token: str) -> Optional[str]:
         return self._put(body, IfMatch=token)
 
+    def modified(self) -> float:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.key)["LastModified"].timestamp()
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            return 0.0
+
     def delete(self, token: str) -> bool:
+        from botocore.exceptions import ClientError
+
         cur = self.read()
         if cur is None or cur[1] != token:
             return False
-        self.client.delete_object(Bucket=self.bucket, Key=self.key)
+        try:  # conditional: a take-over between the read and here keeps the new lease
+            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=token)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in self.LOST:
+                return False
+            raise
         return True
 
 
@@ -206,6 +232,14 @@ class _GCS:
 
     def swap(self, body: bytes, token: str) -> Optional[str]:
         return self._upload(body, int(token))
+
+    def modified(self) -> float:
+        blob = self.blob_of()
+        try:
+            blob.reload()
+        except self.errors:
+            return 0.0
+        return blob.updated.timestamp() if blob.updated else 0.0
 
     def delete(self, token: str) -> bool:
         try:
@@ -254,6 +288,13 @@ class _BestEffort:
             return False
         tio.remove(self.uri)
         return True
+
+    def modified(self) -> float:
+        import pyarrow.fs as pafs
+
+        fs, path = tio.resolve(self.uri)
+        info = fs.get_file_info(path)
+        return info.mtime.timestamp() if info.type == pafs.FileType.File and info.mtime else 0.0
 
 
 def _backend(uri: str, log=print):
@@ -310,7 +351,10 @@ def acquire(run_storage: str, run: str, stale_s: float, take_over: bool = False,
         try:
             held = json.loads(cur[0])
         except ValueError:
-            held = {}  # a torn lease file: nobody can be holding it through that
+            held = {}
+        if not isinstance(held, dict) or "heartbeat_at" not in held:
+            # not a lease tidal wrote whole: judge it by how long it has been unchanged
+            held = {"heartbeat_at": store.modified(), "user": "?", "host": "?", "pid": "?"}
         age = time.time() - held.get("heartbeat_at", 0)
         reason = ("run.take_over=true" if take_over else
                   "its driver process is gone" if _gone(held) else

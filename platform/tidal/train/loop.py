@@ -216,9 +216,16 @@ def _precomputed_reference(cfg, engine, reference, loader, run_dir: str, manifes
 
 
 def _restore(engine, path: str) -> Dict:
+    """Load ``path`` (verified in storage by rank 0) from this rank's copy of it, after
+    checking the copy against the commit record: sizes, the signature, and the digests of
+    the small files that say what to read (a shard swapped after the check is caught by
+    its size, or is as good as any other data file)."""
     from ray.train import Checkpoint
 
     with Checkpoint(path).as_directory() as local:
+        problems = integrity.verify(local, full=integrity.REQUIRED, copy=local != path)
+        if problems:
+            raise ValueError(f"checkpoint {path} changed after it was verified: {'; '.join(problems[:3])}")
         return ckpt.load(engine, local)
 
 

@@ -5,9 +5,10 @@
   export that is unfinished or damaged (:func:`check_readable`); a directory tidal never
   wrote (any HF model) has no marker and is read as it is.
 - An export replaces only an absent or empty destination or a tidal export (complete, or
-  an unfinished one of its own). A directory holding anything else is refused unless
-  ``overwrite`` is given, and even then it is moved aside (``<dest>.replaced-<time>``), never
-  deleted: tidal removes only what it created.
+  an unfinished one of its own) holding nothing but its own files. Anything else is
+  refused unless ``overwrite`` is given, and even then it is moved aside
+  (``<dest>.replaced-<time>``), never deleted: tidal removes only what it created. On object
+  stores, where nothing can be moved aside safely, it is always refused.
 - Locally the new export is written beside the destination and swapped in with two
   renames; a process that dies between them leaves ``<dest>.tidal-previous``, which the
   next export or reader puts back (:func:`recover`).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -48,12 +50,23 @@ def _listing(root: str) -> Dict[str, int]:
     return {i.path[len(base):]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
+def _safe_rel(rel) -> bool:
+    parts = rel.split("/") if isinstance(rel, str) else [""]
+    return not rel.startswith("/") and ".." not in parts and "" not in parts
+
+
 def _marker(root: str) -> Optional[Dict]:
+    """The export's completion record, when it is one (paths inside the export only)."""
     try:
         data = json.loads(tio.read_bytes(tio.join(root, MARKER)))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(
+            _safe_rel(k) and isinstance(v, dict) and isinstance(v.get("bytes"), int)
+            and isinstance(v.get("sha256"), str) for k, v in files.items()):
+        return None
+    return data
 
 
 def export_problems(root: str, full: bool = False) -> Optional[List[str]]:
@@ -76,11 +89,16 @@ def check_readable(root: str) -> List[str]:
 
 
 def _kind(dest: str) -> str:
-    """absent | empty | export (tidal's, complete or unfinished) | foreign."""
+    """absent | empty | export (tidal's alone, complete or unfinished) | foreign (anything
+    else, including an export someone added their own files to)."""
     listing = _listing(dest)
     if not listing:
         return "empty" if tio.exists(dest) else "absent"
-    if MARKER in listing or PARTIAL in listing:
+    marker = _marker(dest)
+    if marker is not None:
+        extra = set(listing) - set(marker["files"]) - {MARKER, PARTIAL}
+        return "foreign" if extra else "export"
+    if PARTIAL in listing:
         return "export"
     return "foreign"
 
@@ -92,11 +110,15 @@ def check_destination(dest: str, overwrite: bool, key: str = "output") -> str:
         if os.path.exists(dest) and not os.path.isdir(dest):
             raise ExportRefused(f"{key}: {dest} is a file, not a directory")
     kind = _kind(dest)
+    if kind == "foreign" and tio.is_cloud(dest):
+        raise ExportRefused(
+            f"{key}: {dest} already holds files tidal did not export; nothing was written. "
+            "Choose another (empty) prefix: on object stores nothing can be moved aside safely")
     if kind == "foreign" and not overwrite:
         raise ExportRefused(
-            f"{key}: {dest} already holds files that are not a tidal export ({len(_listing(dest))} "
-            "file(s)); nothing was written. Choose another output, or pass overwrite=true to move "
-            "them aside (they are kept, never deleted)")
+            f"{key}: {dest} already holds files that are not a tidal export (or were added to "
+            f"one) ({len(_listing(dest))} file(s)); nothing was written. Choose another output, "
+            "or pass overwrite=true to move them aside (they are kept, never deleted)")
     return kind
 
 
@@ -189,23 +211,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _copy_object(src: str, dst: str) -> None:
+    """Server-side copy; on S3 through boto3's managed copy (multipart above 5 GiB, where a
+    single CopyObject stops)."""
+    if src.startswith("s3://"):
+        import boto3
+
+        sb, _, sk = src[5:].partition("/")
+        db, _, dk = dst[5:].partition("/")
+        boto3.client("s3").copy({"Bucket": sb, "Key": sk}, db, dk)
+        return
+    fs, src_path = tio.resolve(src)
+    _, dst_path = tio.resolve(dst)
+    fs.create_dir(posixpath.dirname(dst_path), recursive=True)
+    fs.copy_file(src_path, dst_path)
+
+
 def _publish_cloud(local: str, dest: str, marker: Dict, kind: str, log) -> None:
-    fs, dest_path = tio.resolve(dest)
+    """Upload under a temporary prefix, then copy in under the in-progress sentinel and write
+    the marker last. (Object stores have no rename: while the copy runs, the destination
+    reads as an unfinished export, never as a complete one.)"""
     staging = f"{dest.rstrip('/')}{TMP}{uuid.uuid4().hex[:8]}"
-    _, staging_path = tio.resolve(staging)
-    tio.upload_dir(local, staging)  # the marker travels, but is copied in last
-    old = _marker(dest) if kind == "export" else None
-    tio.write_bytes(tio.join(dest, PARTIAL), b"")  # from here on: tidal's, in progress
-    tio.remove(tio.join(dest, MARKER))
-    for rel in marker["files"]:
-        target = f"{dest_path}/{rel}"
-        fs.create_dir(os.path.dirname(target), recursive=True)
-        fs.copy_file(f"{staging_path}/{rel}", target)
-    for rel in (old or {}).get("files", {}):
-        if rel not in marker["files"]:  # the previous export's own files, no longer part of it
-            tio.remove(tio.join(dest, *rel.split("/")))
-    if kind == "foreign":
-        log(f"overwrite=true: files already at {dest} with other names were left in place")
-    tio.write_bytes(tio.join(dest, MARKER), json.dumps(marker, indent=1, sort_keys=True).encode())
-    tio.remove(tio.join(dest, PARTIAL))
-    tio.remove_tree(staging)
+    try:
+        tio.upload_dir(local, staging)  # the marker travels, but is copied in last
+        old = _marker(dest) if kind == "export" else None
+        tio.write_bytes(tio.join(dest, PARTIAL), b"")  # from here on: tidal's, in progress
+        tio.remove(tio.join(dest, MARKER))
+        for rel in marker["files"]:
+            _copy_object(tio.join(staging, *rel.split("/")), tio.join(dest, *rel.split("/")))
+        for rel in (old or {}).get("files", {}):
+            if rel not in marker["files"]:  # the previous export's own files, no longer part of it
+                tio.remove(tio.join(dest, *rel.split("/")))
+        tio.write_bytes(tio.join(dest, MARKER), json.dumps(marker, indent=1, sort_keys=True).encode())
+        tio.remove(tio.join(dest, PARTIAL))
+    finally:
+        tio.remove_tree(staging)

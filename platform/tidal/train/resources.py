@@ -54,6 +54,8 @@ def _watch_local_runtime() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     node = ray._private.worker._global_node
     pids = [p.process.pid for procs in node.all_processes.values() for p in procs if p.process]
+    if not pids:  # ray.init joined a runtime someone else started (`ray start`): not ours to end
+        return
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     _REAPER = subprocess.Popen([sys.executable, "-m", "tidal.train.reaper", *map(str, pids)],
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -70,30 +72,42 @@ def _describe(lo: int, bundle: Dict[str, float], total: Dict, free: Dict) -> str
     return f"the run asks for {lo} worker(s) x {bundle} = {need}; the cluster has {have}"
 
 
+def _largest_node() -> Dict[str, float]:
+    import ray
+
+    best: Dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for k, v in node.get("Resources", {}).items():
+                best[k] = max(best.get(k, 0.0), v)
+    return best
+
+
 def ensure_placeable(cfg, use_gpu: bool, log=print) -> None:
     """Fail with a clear message, within ``scaling.start_timeout_s``, when the cluster does
-    not offer the run's minimum workers; a local runtime that can never hold them fails at
-    once. Ray Train itself would wait forever."""
+    not offer the run's minimum workers (each worker on one node); a local runtime that can
+    never hold them fails at once. Ray Train itself would wait forever."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     lo, _ = worker_bounds(cfg.scaling.workers)
     bundle = _ask(cfg, use_gpu)
-    total, free = ray.cluster_resources(), ray.available_resources()
+    total, free, node = ray.cluster_resources(), ray.available_resources(), _largest_node()
     fix = ("lower scaling.workers or scaling.cpus_per_worker" +
            (", set scaling.use_gpu=false" if use_gpu else "") + ", or add nodes")
-    never = any(total.get(k, 0) < lo * v for k, v in bundle.items())
+    never = any(total.get(k, 0) < lo * v or node.get(k, 0) < v for k, v in bundle.items())
     if never and (started_locally() or cfg.scaling.start_timeout_s == 0):
-        raise ResourcesUnavailable(f"{_describe(lo, bundle, total, free)}, and no autoscaler can "
-                                   f"add more: {fix}")
-    if all(free.get(k, 0) >= lo * v for k, v in bundle.items()):
-        return
+        raise ResourcesUnavailable(f"{_describe(lo, bundle, total, free)} (at most "
+                                   f"{', '.join(f'{node.get(k, 0):g} {k}' for k in bundle)} on one "
+                                   f"node), and no autoscaler can add more: {fix}")
     timeout = cfg.scaling.start_timeout_s
-    log(f"waiting up to {timeout:g}s (scaling.start_timeout_s) for the cluster to offer {lo} "
-        f"worker(s) of {bundle}")
     pg = placement_group([dict(bundle) for _ in range(lo)], strategy="PACK")
     try:
-        ready = pg.wait(timeout_seconds=timeout)
+        ready = pg.wait(timeout_seconds=min(timeout, 5) or 5)  # placeable now: a moment
+        if not ready and timeout > 5:
+            log(f"waiting up to {timeout:g}s (scaling.start_timeout_s) for the cluster to offer "
+                f"{lo} worker(s) of {bundle}")
+            ready = pg.wait(timeout_seconds=timeout - 5)
     finally:
         remove_placement_group(pg)
     if not ready:

@@ -66,19 +66,48 @@ def restricted_load(data: bytes, where: str) -> Any:
         raise UnsafeCheckpointError(f"{where}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from e
 
 
+def check_metadata(data: bytes, where: str) -> Metadata:
+    """DCP metadata as the restricted loader reads it, its shard locations checked."""
+    metadata = restricted_load(data, where)
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"{where}: holds a {type(metadata).__name__}, not DCP metadata")
+    _check_locations(metadata, where)
+    return metadata
+
+
 class SafeReader(FileSystemReader):
     """``FileSystemReader`` whose metadata is read by the restricted unpickler."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
-            metadata = restricted_load(f.read(), str(path))
-        if not isinstance(metadata, Metadata):
-            raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP metadata")
+            metadata = check_metadata(f.read(), str(path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+_SHARD = re.compile(r"__\d+_\d+\.distcp")
+
+
+def _check_locations(metadata: Metadata, where: str) -> None:
+    """Every entry must point into one of the checkpoint's own shard files, at a sane byte
+    range: DCP joins ``relative_path`` onto the checkpoint directory unchecked, so a crafted
+    one (``/etc/...``, ``../other-run/...``, ``/dev/zero``) would read any file on the node."""
+    data = metadata.storage_data
+    if not isinstance(data, dict):
+        raise UnsafeCheckpointError(f"{where}: storage data is not a mapping")
+    for key, info in data.items():
+        rel = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        ok = isinstance(rel, str) and _SHARD.fullmatch(rel) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length))
+        if not ok or getattr(info, "transform_descriptors", None):
+            raise UnsafeCheckpointError(
+                f"{where}: entry '{getattr(key, 'fqn', key)}' points at {rel!r} "
+                f"[{offset}, +{length}]: only the checkpoint's own __<rank>_<n>.distcp shards, "
+                "untransformed, at non-negative offsets can be read")
 
 
 class SafePlanner(DefaultLoadPlanner):
