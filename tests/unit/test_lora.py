@@ -6,6 +6,7 @@ import torch
 
 from tidal.config import LoRAConfig, ModelConfig
 from tidal.models import build_model, lora
+from tidal.train import export
 from tidal.objectives import model_token_logprobs, shift_targets
 from tidal.objectives.logprobs import IGNORE
 
@@ -89,9 +90,9 @@ def test_adapter_directory_and_merged_export_give_the_same_model(tmp_path):
     with torch.no_grad():
         want = pm(input_ids=ids).logits
     # what the training loop does with the gathered state dict on rank 0
-    plain = lora.plain_peft(pm.config, pm.state_dict(), pm.peft_config["default"])
+    plain = export.plain_peft(pm.config, pm.state_dict(), pm.peft_config["default"])
     adapter, merged = str(tmp_path / "adapter"), str(tmp_path / "hf")
-    lora.write_peft(plain, tok_dir, adapter, merged)
+    export.write_peft(plain, tok_dir, adapter, merged)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapter))
     AutoTokenizer.from_pretrained(adapter)  # the tokenizer travels with the adapter
     m = AutoModelForCausalLM.from_pretrained(merged)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tidal.optim.registry import Registry
+from tidal.registry import Registry
 
 SCORERS = Registry("curriculum score")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from tidal.config.schema import OptimConfig
-from tidal.optim.registry import Registry
+from tidal.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Callable
 
 from tidal.config.schema import ScheduleConfig
-from tidal.optim.registry import Registry
+from tidal.registry import Registry
 
 SCHEDULES = Registry("schedule")
 

@@ -12,13 +12,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+import threading
+import time
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from tidal.train import safe_dcp
+from tidal.data import io as tio
+from tidal.parallel import collectives as C
+from tidal.train import integrity, safe_dcp
 from tidal.train.engine import Engine
 
 STATE_FILE = "trainer_state.json"
@@ -98,3 +104,85 @@ def load(engine: Engine, path: str) -> Dict:
     else:  # a new rank after a resize: derive its stream from the seed and the step
         torch.manual_seed(engine.cfg.train.seed * 1_000_003 + engine.step * 101 + engine.rank)
     return meta
+
+
+class Checkpointer:
+    """Saves (sync or async), uploads through ``ray.train.report``, commits, prunes."""
+
+    def __init__(self, engine, run_dir: str, meta: Dict, tok_dir: str, injector, hub):
+        self.engine, self.run_dir, self.meta, self.tok_dir = engine, run_dir, meta, tok_dir
+        self.injector, self.hub = injector, hub
+        self.keep = engine.cfg.train.keep_checkpoints
+        self.pending: Optional[tuple] = None
+        self.group = None
+        if engine.cfg.train.async_checkpoint:
+            # the writer thread gets a process group of its own (gloo: it moves host memory)
+            self.group = dist.new_group(backend="gloo") if C.distributed(engine.world) else True
+        self.last_saved = -1
+
+    def save(self, metrics: Dict) -> None:
+        """Checkpoint the current step (collective). Sync: write, digest, upload, commit.
+        Async: stage the shards in memory and return; a background thread writes and digests
+        them, and a later ``poll`` uploads and commits once every rank is done."""
+        self.wait()
+        e = self.engine
+        t0 = time.perf_counter()
+        name = integrity.checkpoint_name(e.step)
+        target = tio.join(self.run_dir, name)
+        if e.rank == 0 and tio.exists(target):  # an earlier attempt's unfinished save
+            tio.remove_tree(target)
+        C.barrier(e.world)
+        tmp = tempfile.mkdtemp(prefix="tidal-ckpt-")
+        future = save(e, tmp, self.meta, self.tok_dir, async_group=self.group)
+        self.last_saved = e.step
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if future is None:
+            integrity.write_rank_manifest(tmp, e.rank)
+            self._finish(e.step, name, tmp, scalars, time.perf_counter() - t0, False)
+            return
+        done = threading.Event()
+
+        def write_and_digest():
+            try:
+                future.result()
+                integrity.write_rank_manifest(tmp, e.rank)
+            finally:
+                done.set()
+
+        threading.Thread(target=write_and_digest, daemon=True).start()
+        self.pending = (e.step, name, tmp, future, scalars, done, time.perf_counter() - t0)
+
+    def poll(self) -> None:
+        """Commit a finished async save (collective: every rank must have finished writing)."""
+        if self.pending is not None and C.all_true(self.pending[5].is_set(), self.engine.world):
+            self.wait()
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        step, name, tmp, future, scalars, done, blocked = self.pending
+        self.pending = None
+        t0 = time.perf_counter()
+        done.wait()
+        future.result()  # re-raises a failed write
+        self._finish(step, name, tmp, scalars, blocked + time.perf_counter() - t0, True)
+
+    def _finish(self, step: int, name: str, tmp: str, scalars: Dict, blocked: float,
+                is_async: bool) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        e = self.engine
+        t0 = time.perf_counter()
+        ray.train.report(scalars, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        self.injector.maybe_kill("kill_in_save", step)
+        C.barrier(e.world)  # every rank's shard is in storage
+        if e.rank == 0:
+            integrity.commit(tio.join(self.run_dir, name), e.world, step)
+            integrity.prune(self.run_dir, self.keep)
+        shutil.rmtree(tmp, ignore_errors=True)
+        blocked += time.perf_counter() - t0
+        if self.hub is not None and e.rank == 0:
+            # seconds the training loop spent on this checkpoint, all phases together
+            self.hub.push.remote({"event": "checkpoint", "step": step, "blocking_s": blocked,
+                                  "async": is_async})

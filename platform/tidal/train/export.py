@@ -65,8 +65,8 @@ def export_hf(model: torch.nn.Module, rank: int, tokenizer_dir: str, dest: Optio
     if rank != 0:
         return
     if lora.is_peft(model):
-        plain = lora.plain_peft(model.config, full, model.peft_config["default"])
-        lora.write_peft(plain, tokenizer_dir, adapter_dest, dest)
+        plain = plain_peft(model.config, full, model.peft_config["default"])
+        write_peft(plain, tokenizer_dir, adapter_dest, dest)
     else:
         write_hf(_plain_model(model.config, full), tokenizer_dir, dest)
 
@@ -123,5 +123,44 @@ def _export_lora_checkpoint(checkpoint_dir: str, meta: str, config, run_cfg: Dic
     state = {"model": {k: v for k, v in model.state_dict().items() if k in keep}}
     safe_dcp.load(state, checkpoint_dir)
     model.load_state_dict(state["model"], strict=False)
-    lora.write_peft(model, meta, f"{dest}-adapter", dest, overwrite)
+    write_peft(model, meta, f"{dest}-adapter", dest, overwrite)
     return dest
+
+
+def plain_peft(config, state, adapter_conf):
+    """A single-process ``PeftModel`` from the full state dict of a sharded one."""
+    import copy
+
+    from peft import get_peft_model
+
+    config.use_cache = True
+    with torch.device("meta"):
+        base = _auto_class(config).from_config(config, dtype=torch.float32)
+    model = get_peft_model(base, copy.deepcopy(adapter_conf))
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
+
+
+def write_peft(model, tokenizer_dir: str, adapter_dest: Optional[str],
+               merged_dest: Optional[str], overwrite: bool = False) -> None:
+    """A single-process ``PeftModel`` as the PEFT adapter directory (adapter weights, config
+    naming the base, tokenizer) at ``adapter_dest`` and as an HF directory of the base with
+    the adapters merged in at ``merged_dest`` (either may be None); each is published whole
+    with its completion marker (``tidal.train.publish``)."""
+    from transformers import AutoTokenizer
+
+    from tidal.train.publish import check_destination, publish
+
+    for dest in (adapter_dest, merged_dest):  # both refused before either is written
+        if dest:
+            check_destination(dest, overwrite)
+    if adapter_dest:
+        def write(local: str) -> None:
+            model.save_pretrained(local)
+            AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True).save_pretrained(local)
+
+        publish(adapter_dest, write, overwrite=overwrite, source={"kind": "peft-adapter"})
+    if merged_dest:
+        merged = model.merge_and_unload()
+        merged.tie_weights()
+        write_hf(merged, tokenizer_dir, merged_dest, overwrite)

@@ -15,23 +15,19 @@ Fault tolerance lives here:
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-import threading
-import time
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from tidal.config import fingerprint, to_dict
 from tidal.config.redact import redact
-from tidal.data import io as tio
 from tidal.data.loader import GlobalSampleLoader
 from tidal.data.prepare import load_manifest, tokenizer_path
 from tidal.objectives import OBJECTIVES
+from tidal.parallel import collectives as C
 from tidal.train import checkpoint as ckpt
 from tidal.train import integrity
+from tidal.train import reference as R
 from tidal.train.engine import build_engine, evaluate, train_step
 from tidal.train.export import export_hf
 from tidal.train.faults import Injector
@@ -54,165 +50,11 @@ def _eval_plan(engine, loader: GlobalSampleLoader) -> tuple[int, int]:
     return total, max(1, -(-per_rank // micro))
 
 
-def _distributed(world: int) -> bool:
-    return world > 1 and dist.is_available() and dist.is_initialized()
-
-
-def _bcast(obj: Any, world: int) -> Any:
-    """Rank 0's value of ``obj`` on every rank."""
-    if not _distributed(world):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier(world: int) -> None:
-    if _distributed(world):
-        dist.barrier()
-
-
-def _all_true(flag: bool, world: int) -> bool:
-    if not _distributed(world):
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-class Checkpointer:
-    """Saves (sync or async), uploads through ``ray.train.report``, commits, prunes."""
-
-    def __init__(self, engine, run_dir: str, meta: Dict, tok_dir: str, injector: Injector, hub):
-        self.engine, self.run_dir, self.meta, self.tok_dir = engine, run_dir, meta, tok_dir
-        self.injector, self.hub = injector, hub
-        self.keep = engine.cfg.train.keep_checkpoints
-        self.pending: Optional[tuple] = None
-        self.group = None
-        if engine.cfg.train.async_checkpoint:
-            # the writer thread gets a process group of its own (gloo: it moves host memory)
-            self.group = dist.new_group(backend="gloo") if _distributed(engine.world) else True
-        self.last_saved = -1
-
-    def save(self, metrics: Dict) -> None:
-        """Checkpoint the current step (collective). Sync: write, digest, upload, commit.
-        Async: stage the shards in memory and return; a background thread writes and digests
-        them, and a later ``poll`` uploads and commits once every rank is done."""
-        self.wait()
-        e = self.engine
-        t0 = time.perf_counter()
-        name = integrity.checkpoint_name(e.step)
-        target = tio.join(self.run_dir, name)
-        if e.rank == 0 and tio.exists(target):  # an earlier attempt's unfinished save
-            tio.remove_tree(target)
-        _barrier(e.world)
-        tmp = tempfile.mkdtemp(prefix="tidal-ckpt-")
-        future = ckpt.save(e, tmp, self.meta, self.tok_dir, async_group=self.group)
-        self.last_saved = e.step
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if future is None:
-            integrity.write_rank_manifest(tmp, e.rank)
-            self._finish(e.step, name, tmp, scalars, time.perf_counter() - t0, False)
-            return
-        done = threading.Event()
-
-        def write_and_digest():
-            try:
-                future.result()
-                integrity.write_rank_manifest(tmp, e.rank)
-            finally:
-                done.set()
-
-        threading.Thread(target=write_and_digest, daemon=True).start()
-        self.pending = (e.step, name, tmp, future, scalars, done, time.perf_counter() - t0)
-
-    def poll(self) -> None:
-        """Commit a finished async save (collective: every rank must have finished writing)."""
-        if self.pending is not None and _all_true(self.pending[5].is_set(), self.engine.world):
-            self.wait()
-
-    def wait(self) -> None:
-        if self.pending is None:
-            return
-        step, name, tmp, future, scalars, done, blocked = self.pending
-        self.pending = None
-        t0 = time.perf_counter()
-        done.wait()
-        future.result()  # re-raises a failed write
-        self._finish(step, name, tmp, scalars, blocked + time.perf_counter() - t0, True)
-
-    def _finish(self, step: int, name: str, tmp: str, scalars: Dict, blocked: float,
-                is_async: bool) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
-        e = self.engine
-        t0 = time.perf_counter()
-        ray.train.report(scalars, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-        self.injector.maybe_kill("kill_in_save", step)
-        _barrier(e.world)  # every rank's shard is in storage
-        if e.rank == 0:
-            integrity.commit(tio.join(self.run_dir, name), e.world, step)
-            integrity.prune(self.run_dir, self.keep)
-        shutil.rmtree(tmp, ignore_errors=True)
-        blocked += time.perf_counter() - t0
-        if self.hub is not None and e.rank == 0:
-            # seconds the training loop spent on this checkpoint, all phases together
-            self.hub.push.remote({"event": "checkpoint", "step": step, "blocking_s": blocked,
-                                  "async": is_async})
-
-
 def _objective(name: str, cfg):
     if name == "dpo":
         d = cfg.dpo
         return OBJECTIVES[name](beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing)
     return OBJECTIVES[name]()
-
-
-def _reference_model(cfg, engine, manifest):
-    """The frozen starting model (DPO's reference), sharded like the policy, no gradients.
-    With LoRA it is the policy's own base with the adapters switched off."""
-    if engine.extra.get("lora"):
-        from tidal.models.lora import AdaptersOff
-
-        return AdaptersOff(engine.model)
-    from tidal.models import build_model
-    from tidal.parallel import apply as apply_fsdp
-    from tidal.parallel import make_mesh
-
-    tk = manifest["tokenizer"]
-    ref = build_model(cfg.model, tk["vocab_size"], tk["eos_token_id"], tk["pad_token_id"], cfg.train.seed)
-    ref.to(engine.device)
-    ref.requires_grad_(False)
-    apply_fsdp(ref, make_mesh(engine.device.type, engine.world), engine.extra["precision"])
-    return ref.eval()
-
-
-def _precomputed_reference(cfg, engine, reference, loader, run_dir: str, manifest_hash: str, hub,
-                           reference_digest: Optional[str]):
-    """The reference's log-probs for every pair, computed once per run (and reused by its
-    restarts); see ``tidal.train.reference``."""
-    from tidal.objectives.preference import reference_sums
-    from tidal.train import reference as R
-
-    root = tio.join(run_dir, "reference_logps")
-    meta = {"data_manifest": manifest_hash, "model": to_dict(cfg.model), "seed": cfg.train.seed,
-            "reference_weights": reference_digest}
-    rank, world = engine.rank, engine.world
-    table = _bcast(R.load(root, meta) is not None if rank == 0 else None, world)
-    t0 = time.perf_counter()
-    if table:
-        rows = R.load(root, meta)
-    else:
-        rows = R.compute(reference, loader, rank, world, cfg.train.micro_batch_size, engine.device,
-                         reference_sums)
-        if rank == 0:
-            R.save(root, rows, meta)
-        _barrier(world)
-    if hub is not None and rank == 0:
-        hub.push.remote({"event": "reference_precomputed", "pairs": len(rows), "reused": bool(table),
-                         "seconds": round(time.perf_counter() - t0, 2), "path": root})
-    return R.ReferenceTable(rows)
 
 
 def _restore(engine, path: str) -> Dict:
@@ -242,7 +84,7 @@ def _choose_checkpoint(rank: int, world: int, run_dir: str, resume_from: Optiona
                                 f"checkpoint: {'; '.join(problems[:5])}")
             else:
                 out["path"] = resume_from
-    out = _bcast(out, world)
+    out = C.broadcast(out, world)
     if out.get("error"):
         raise ValueError(out["error"])
     return out
@@ -268,11 +110,7 @@ class StopWatch:
             if ready:
                 self.asked = bool(ray.get(self.ref))
                 self.ref = None
-        if not _distributed(self.world):
-            return self.asked
-        t = torch.tensor([1 if self.asked else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return C.any_true(self.asked, self.world, self.device)
 
 
 def _repeated_failure(hub, limit: int) -> Optional[str]:
@@ -316,7 +154,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                          f"({samples} sequences) cannot be split over {world} workers")
     t = cfg.train
     # A failure that keeps repeating at one step ends the run cleanly, with a report.
-    fatal = _bcast(_repeated_failure(hub, cfg.scaling.same_step_failures) if rank == 0 else None, world)
+    fatal = C.broadcast(_repeated_failure(hub, cfg.scaling.same_step_failures) if rank == 0 else None, world)
     if fatal:
         if hub is not None and rank == 0:
             hub.push.remote({"event": "fatal", "reason": fatal})
@@ -331,9 +169,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     engine.objective = objective
     loader = GlobalSampleLoader(data_dir, manifest, t.seed, engine.global_batch)
     if getattr(objective, "needs_reference", False):
-        objective.reference = _reference_model(cfg, engine, manifest)
+        objective.reference = R.build_reference(cfg, engine, manifest)
         if cfg.dpo.reference == "precompute":
-            objective.table = _precomputed_reference(cfg, engine, objective.reference, loader,
+            objective.table = R.precomputed(cfg, engine, objective.reference, loader,
                                                      run_dir, config["manifest_hash"], hub,
                                                      config.get("reference_digest"))
             objective.reference = None  # frees the frozen copy for the whole run
@@ -349,7 +187,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             "config": redact(to_dict(cfg))}
     injector = Injector(t.inject_faults, run_dir, rank)
     guard = DivergenceGuard(t.guard)
-    saver = Checkpointer(engine, run_dir, meta, tok_dir, injector, hub)
+    saver = ckpt.Checkpointer(engine, run_dir, meta, tok_dir, injector, hub)
 
     chosen = _choose_checkpoint(rank, world, run_dir, cfg.run.resume_from)
     if chosen["path"] is not None:
@@ -432,12 +270,12 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                              "adapter": config.get("adapter_dir")})
 
 
-def _rollback(engine, saver: Checkpointer, guard: DivergenceGuard, rank: int, world: int,
+def _rollback(engine, saver: ckpt.Checkpointer, guard: DivergenceGuard, rank: int, world: int,
               run_dir: str, metrics: Dict, hub) -> None:
     """Back to the last committed checkpoint, then past the batches that led to the anomaly."""
     saver.wait()
     bad_step, bad_end = metrics["step"], engine.cursor + engine.global_batch
-    path = _bcast(integrity.latest_valid(run_dir)[0] if rank == 0 else None, world)
+    path = C.broadcast(integrity.latest_valid(run_dir)[0] if rank == 0 else None, world)
     skipped: List = list(engine.extra.get("skipped", []))
     if path is not None:
         _restore(engine, path)  # model, optimizer, step, cursor, RNG as they were

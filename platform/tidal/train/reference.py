@@ -13,13 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from tidal.config import to_dict
 from tidal.data import io as tio
+from tidal.parallel import collectives as C
 
 META = "meta.json"
 
@@ -110,3 +113,48 @@ def load(root: str, meta: Dict) -> Optional[Dict]:
     keys = np.asarray(tio.load_npy(tio.join(root, "keys.npy")))
     vals = np.asarray(tio.load_npy(tio.join(root, "values.npy")))
     return {bytes(k): tuple(v) for k, v in zip(keys, vals.tolist())}
+
+
+def build_reference(cfg, engine, manifest):
+    """The frozen starting model (DPO's reference), sharded like the policy, no gradients.
+    With LoRA it is the policy's own base with the adapters switched off."""
+    if engine.extra.get("lora"):
+        from tidal.models.lora import AdaptersOff
+
+        return AdaptersOff(engine.model)
+    from tidal.models import build_model
+    from tidal.parallel import apply as apply_fsdp
+    from tidal.parallel import make_mesh
+
+    tk = manifest["tokenizer"]
+    ref = build_model(cfg.model, tk["vocab_size"], tk["eos_token_id"], tk["pad_token_id"], cfg.train.seed)
+    ref.to(engine.device)
+    ref.requires_grad_(False)
+    apply_fsdp(ref, make_mesh(engine.device.type, engine.world), engine.extra["precision"])
+    return ref.eval()
+
+
+def precomputed(cfg, engine, reference, loader, run_dir: str, manifest_hash: str, hub,
+                           reference_digest: Optional[str]):
+    """The reference's log-probs for every pair, computed once per run (and reused by its
+    restarts); see ``tidal.train.reference``."""
+    from tidal.objectives.preference import reference_sums
+
+    root = tio.join(run_dir, "reference_logps")
+    meta = {"data_manifest": manifest_hash, "model": to_dict(cfg.model), "seed": cfg.train.seed,
+            "reference_weights": reference_digest}
+    rank, world = engine.rank, engine.world
+    table = C.broadcast(load(root, meta) is not None if rank == 0 else None, world)
+    t0 = time.perf_counter()
+    if table:
+        rows = load(root, meta)
+    else:
+        rows = compute(reference, loader, rank, world, cfg.train.micro_batch_size, engine.device,
+                         reference_sums)
+        if rank == 0:
+            save(root, rows, meta)
+        C.barrier(world)
+    if hub is not None and rank == 0:
+        hub.push.remote({"event": "reference_precomputed", "pairs": len(rows), "reused": bool(table),
+                         "seconds": round(time.perf_counter() - t0, 2), "path": root})
+    return ReferenceTable(rows)
