@@ -30,7 +30,7 @@ import torch.distributed as dist  # noqa: E402
 
 from tidal.config import PretrainConfig, from_dict, to_dict  # noqa: E402
 from tidal.models import build_model  # noqa: E402
-from tidal.objectives import causal_lm_loss, split_sample  # noqa: E402
+from tidal.objectives import causal_lm_loss, split_sample, to_batch  # noqa: E402
 from tidal.train import metrics as M  # noqa: E402
 
 WARMUP = 3
@@ -87,7 +87,8 @@ def engine_run(cfg, args, device):
     from tidal.train.engine import build_engine, train_step
 
     engine = build_engine(cfg, args.vocab, 0, 0, rank=0, world=1, device=device)
-    recs = [train_step(engine, batches(args, step)) for step in range(args.steps)]
+    recs = [train_step(engine, [to_batch("lm", b, device) for b in batches(args, step)])
+            for step in range(args.steps)]
     steady = recs[WARMUP:]
     return engine, {"step_s": statistics.median(r["step_time_s"] for r in steady),
                     "peak_gib": max(r["peak_mem_gib"] for r in steady),

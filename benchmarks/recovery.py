@@ -59,14 +59,14 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=5, help="checkpoint every N steps")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    from tidal.train.launch import run_pretrain
+    from tidal.train.launch import run_stage
 
     out = tempfile.mkdtemp(prefix="tidal-bench-recovery-")
     kills = [f"kill@{args.steps // 3 + 2}:1", f"kill@{2 * args.steps // 3 + 3}:0"]
-    clean = run_pretrain(config(out, "clean", args))
-    faulty = run_pretrain(config(out, "faulty", args, inject_faults=kills))
-    sync = run_pretrain(config(out, "sync", args, checkpoint_every=2))
-    asyn = run_pretrain(config(out, "async", args, checkpoint_every=2, async_checkpoint=True))
+    clean = run_stage("pretrain", config(out, "clean", args))
+    faulty = run_stage("pretrain", config(out, "faulty", args, inject_faults=kills))
+    sync = run_stage("pretrain", config(out, "sync", args, checkpoint_every=2))
+    asyn = run_stage("pretrain", config(out, "async", args, checkpoint_every=2, async_checkpoint=True))
 
     recs = read(faulty["run_dir"], "metrics.jsonl")  # the surviving record of each step
     starts = [e for e in read(faulty["run_dir"], "events.jsonl") if e["event"] == "start"][1:]

@@ -25,7 +25,8 @@ from tidal.data.loader import GlobalSampleLoader  # noqa: E402
 from tidal.models import build_model  # noqa: E402
 from tidal.objectives import causal_lm_loss, split_sample  # noqa: E402
 from tidal.optim import build_optimizer, lr_at  # noqa: E402
-from tidal.train.launch import ensure_data, init_ray, run_pretrain  # noqa: E402
+from tidal.data.ready import ensure_data  # noqa: E402
+from tidal.train.launch import init_ray, run_stage  # noqa: E402
 
 WARMUP = 3
 
@@ -90,7 +91,7 @@ def main() -> None:
     bare = bare_loop(cfg, data_dir, manifest, args.threads)
     bare_wall = time.time() - t0
     t0 = time.time()
-    summary = run_pretrain(cfg)
+    summary = run_stage("pretrain", cfg)
     tidal_wall = time.time() - t0
     with open(summary["metrics"]) as f:
         import json

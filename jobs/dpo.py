@@ -6,31 +6,8 @@ reports rewards, margins, preference accuracy and the KL to the reference.
     python jobs/dpo.py --cfg job                   # print the resolved config
     ray job submit --working-dir . -- python jobs/dpo.py model.pretrained=/path/to/hf
 """
-from dataclasses import replace
 
-import _hydra
-import hydra
-from sft import latest_export
-
-from tidal.config import DPOConfig, validate_pairs
-
-_hydra.register("dpo_schema", DPOConfig)
-
-
-@hydra.main(version_base=None, config_path="../conf", config_name="dpo")
-def main(cfg) -> None:
-    config = _hydra.build(cfg, DPOConfig, validate_pairs)  # fails before Ray starts
-    from tidal.tracking.console import print_summary
-    from tidal.train.launch import run_dpo
-
-    with _hydra.reported(_hydra.run_dir(config)):
-        if not config.model.pretrained:  # the newest export (running the earlier stages first)
-            config = replace(config, model=replace(config.model, pretrained=latest_export(config.run.output_dir)))
-            config = _hydra.revalidate(config, validate_pairs)
-            print(f"starting from {config.model.pretrained}")
-        summary = run_dpo(config)
-    print_summary("DPO finished", summary)
-
+import _stage
 
 if __name__ == "__main__":
-    _hydra.run(main, DPOConfig)
+    _stage.run("dpo", starts_from=_stage.latest_export)

@@ -12,24 +12,21 @@ import _hydra
 import hydra
 from omegaconf import OmegaConf
 
-from tidal.config import (ConfigError, DPOConfig, PretrainConfig, RewardConfig, SFTConfig,
-                          SweepConfig)
+from tidal import stages
+from tidal.config import ConfigError, SweepConfig
 
 _hydra.register("sweep_schema", SweepConfig)
-for _name, _schema in (("pretrain_schema", PretrainConfig), ("sft_schema", SFTConfig),
-                       ("reward_schema", RewardConfig), ("dpo_schema", DPOConfig)):
-    _hydra.register(_name, _schema)
+for _stage in stages.STAGES.values():  # the swept job's conf file names its schema
+    _hydra.register(f"{_stage.name}_schema", _stage.schema)
 
 
 def job_config(sweep) -> dict:
     """The swept job's own config (its conf/<job>.yaml with ``sweep.overrides``)."""
     from hydra import compose
 
-    from tidal.sweep import JOBS
-
-    if sweep.job not in JOBS:
-        _hydra.fail(ConfigError([f"job: '{sweep.job}' is not one of {', '.join(JOBS)}"]))
-    _hydra.precheck_overrides(JOBS[sweep.job][0], list(sweep.overrides))
+    if sweep.job not in stages.STAGES:
+        _hydra.fail(ConfigError([f"job: '{sweep.job}' is not one of {', '.join(stages.STAGES)}"]))
+    _hydra.precheck_overrides(stages.get(sweep.job).schema, list(sweep.overrides))
     try:
         composed = compose(config_name=sweep.job, overrides=list(sweep.overrides))
     except Exception as e:  # noqa: BLE001 - Hydra's own composition errors

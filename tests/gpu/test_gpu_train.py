@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.integration.conftest import needs_shakespeare, small_cfg
-from tidal.train.launch import run_pretrain
+from tidal.train.launch import run_stage
 
 pytestmark = [
     pytest.mark.gpu, pytest.mark.integration, needs_shakespeare,
@@ -17,6 +17,6 @@ def test_bf16_nccl_training_reports_mfu(ray_local, tmp_path):
                     scaling={"workers": workers, "use_gpu": True, "precision": "bf16"},
                     train={"max_steps": 20, "global_batch_tokens": 128 * 8 * workers,
                            "micro_batch_size": 8, "eval_every": 10, "export_hf": False})
-    summary = run_pretrain(cfg)
+    summary = run_stage("pretrain", cfg)
     assert 0 < summary["mfu"] < 1
     assert summary["final_train_loss"] < 7.0

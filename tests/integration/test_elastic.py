@@ -13,7 +13,7 @@ import pytest
 from tests.integration.conftest import needs_shakespeare, run_isolated, small_cfg
 from tests.integration.fake_cluster import FakeAutoscalingCluster
 from tidal.train import integrity
-from tidal.train.launch import run_pretrain
+from tidal.train.launch import run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]
 
@@ -96,7 +96,7 @@ def test_elastic_run_grows_loses_a_node_and_matches_a_fixed_size_run(request, tm
                                 coordinator_tick_s=None) as plain:
         monkeypatch.setenv("RAY_ADDRESS", plain.address)
         try:
-            fixed = run_pretrain(small_cfg(out, run={"name": "fixed"}, scaling={"workers": 2},
+            fixed = run_stage("pretrain", small_cfg(out, run={"name": "fixed"}, scaling={"workers": 2},
                                            train=TRAIN))
         finally:
             ray.shutdown()
@@ -114,7 +114,7 @@ def test_elastic_run_grows_loses_a_node_and_matches_a_fixed_size_run(request, tm
 
     def run():
         try:
-            result["summary"] = run_pretrain(cfg)
+            result["summary"] = run_stage("pretrain", cfg)
         except BaseException as e:  # re-raised in the test's thread
             result["error"] = e
 

@@ -10,7 +10,7 @@ from tests.conftest import SHARED_DATA
 from tests.integration.conftest import needs_shakespeare, small_cfg
 from tidal.config import DataConfig, from_dict, to_dict
 from tidal.data.prepare import prepare
-from tidal.train.launch import run_pretrain
+from tidal.train.launch import run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
 WEIGHTS = {"shakespeare": 0.6, "alpaca": 0.25, "hh_rlhf": 0.15}
@@ -58,7 +58,7 @@ def test_three_datasets_mixture_is_deterministic_and_trains(ray_local, tmp_path)
     run = small_cfg(tmp_path, run={"name": "mix"}, data=mixture_dict() | {"output_dir": a},
                     train={"max_steps": 12, "eval_every": 6, "checkpoint_every": 0,
                            "export_hf": False})
-    summary = run_pretrain(run)
+    summary = run_stage("pretrain", run)
     with open(summary["metrics"]) as f:
         recs = [json.loads(line) for line in f]
     assert recs[-1]["loss"] < recs[0]["loss"] - 1.0

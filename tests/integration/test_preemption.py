@@ -14,7 +14,7 @@ import pytest
 
 from tests.integration.conftest import needs_shakespeare, run_isolated, small_cfg
 from tidal.train import integrity
-from tidal.train.launch import run_pretrain
+from tidal.train.launch import run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
 
@@ -76,7 +76,7 @@ def test_drain_notice_triggers_an_immediate_checkpoint(request, two_nodes, tmp_p
 
     t = threading.Thread(target=drain_when_training, daemon=True)
     t.start()
-    summary = run_pretrain(cfg)
+    summary = run_stage("pretrain", cfg)
     t.join(timeout=5)
     assert drained.get("accepted"), drained
     with open(os.path.join(summary["run_dir"], "events.jsonl")) as f:

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import SHARED_DATA
 from tests.integration.conftest import _merge, events, needs_shakespeare, records, small_cfg
 from tidal.config import DPOConfig, RewardConfig, from_dict, to_dict, validate_pairs
-from tidal.train.launch import run_dpo, run_pretrain, run_reward
+from tidal.train.launch import run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
 HH = os.path.join(SHARED_DATA, "hh-rlhf", "harmless-base-pairs.jsonl.gz")
@@ -21,7 +21,7 @@ def out(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_model(ray_local, out):
-    return run_pretrain(small_cfg(out, run={"name": "base"}, train={"max_steps": 10}))["hf_export"]
+    return run_stage("pretrain", small_cfg(out, run={"name": "base"}, train={"max_steps": 10}))["hf_export"]
 
 
 def pair_cfg(cls, out, base, **upd):
@@ -40,7 +40,7 @@ def pair_cfg(cls, out, base, **upd):
 
 @pytest.fixture(scope="module")
 def reward_run(base_model, out):
-    return run_reward(pair_cfg(RewardConfig, out, base_model, optim={"lr": 2e-3}, run={"name": "rm"}))
+    return run_stage("reward", pair_cfg(RewardConfig, out, base_model, optim={"lr": 2e-3}, run={"name": "rm"}))
 
 
 def test_reward_model_learns_and_exports_a_classifier(reward_run):
@@ -57,7 +57,7 @@ def test_reward_model_learns_and_exports_a_classifier(reward_run):
 
 
 def test_dpo_raises_preference_accuracy_and_beta_bounds_the_drift(base_model, out):
-    s = run_dpo(pair_cfg(DPOConfig, out, base_model, optim={"lr": 1e-3}, dpo={"beta": 0.1},
+    s = run_stage("dpo", pair_cfg(DPOConfig, out, base_model, optim={"lr": 1e-3}, dpo={"beta": 0.1},
                          run={"name": "dpo"}))
     recs = records(s["run_dir"])
     vals = [r for r in recs if "val_margin" in r]
@@ -66,7 +66,7 @@ def test_dpo_raises_preference_accuracy_and_beta_bounds_the_drift(base_model, ou
     late = sum(r["accuracy"] for r in recs[-10:]) / 10
     assert late > 0.6, late
     # a large beta keeps the policy near the reference: far smaller KL for the same steps
-    stiff = run_dpo(pair_cfg(DPOConfig, out, base_model, optim={"lr": 1e-3},
+    stiff = run_stage("dpo", pair_cfg(DPOConfig, out, base_model, optim={"lr": 1e-3},
                              dpo={"beta": 50.0, "loss": "cdpo"}, run={"name": "dpo-stiff"}))
     kl_loose = records(s["run_dir"])[-1]["val_kl"]
     kl_stiff = records(stiff["run_dir"])[-1]["val_kl"]
@@ -75,10 +75,10 @@ def test_dpo_raises_preference_accuracy_and_beta_bounds_the_drift(base_model, ou
 
 def test_reward_job_resumes_from_a_mid_run_checkpoint_exactly(reward_run, base_model, out):
     name = "rm-resumed"
-    first = run_reward(pair_cfg(RewardConfig, out, base_model, optim={"lr": 2e-3}, run={"name": name},
+    first = run_stage("reward", pair_cfg(RewardConfig, out, base_model, optim={"lr": 2e-3}, run={"name": name},
                                 train={"stop_at_step": 20}))
     assert records(first["run_dir"])[-1]["step"] == 20
-    s = run_reward(pair_cfg(RewardConfig, out, base_model, optim={"lr": 2e-3}, run={"name": name}))
+    s = run_stage("reward", pair_cfg(RewardConfig, out, base_model, optim={"lr": 2e-3}, run={"name": name}))
     starts = [e for e in events(s["run_dir"]) if e["event"] == "start"]  # both invocations'
     assert [(e["step"], e["restored"]) for e in starts] == [(0, False), (20, True)]
     full = {r["step"]: r for r in records(reward_run["run_dir"])}
@@ -102,9 +102,9 @@ def test_dpo_with_lora_on_fsdp2_precomputed_reference_resumes_and_exports(base_m
     upd = dict(optim={"lr": 2e-3}, model={"lora": {"rank": 8, "alpha": 16}},
                dpo={"beta": 0.1, "reference": "precompute"}, scaling={"max_failures": 2},
                train={"max_steps": 30, "checkpoint_every": 10, "eval_every": 15})
-    clean = run_dpo(pair_cfg(DPOConfig, out, base_model, run={"name": "dpo-lora"}, **upd))
+    clean = run_stage("dpo", pair_cfg(DPOConfig, out, base_model, run={"name": "dpo-lora"}, **upd))
     upd["train"] = {**upd["train"], "inject_faults": ["kill@15:1"]}
-    s = run_dpo(pair_cfg(DPOConfig, out, base_model, run={"name": "dpo-lora-killed"}, **upd))
+    s = run_stage("dpo", pair_cfg(DPOConfig, out, base_model, run={"name": "dpo-lora-killed"}, **upd))
 
     base = {r["step"]: r for r in records(clean["run_dir"])}
     recs = records(s["run_dir"])

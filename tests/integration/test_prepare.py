@@ -112,7 +112,7 @@ def test_embedded_corpus_needs_no_files(ray_local, tmp_path):
 def test_shards_of_another_data_config_are_refused(ray_local, corpus, tmp_path):
     from dataclasses import replace
 
-    from tidal.train.launch import ensure_data
+    from tidal.data.ready import ensure_data
 
     out = str(tmp_path / "shared-out")
     cfg = replace(_cfg(corpus), output_dir=out)
@@ -127,7 +127,7 @@ def test_prepared_data_is_prepared_again_when_its_inputs_change(ray_local, corpu
     import shutil
     from dataclasses import replace
 
-    from tidal.train.launch import ensure_data
+    from tidal.data.ready import ensure_data
 
     src = tmp_path / "src"
     shutil.copytree(corpus, src)
@@ -151,7 +151,7 @@ def test_changed_inputs_under_a_resumed_run_are_refused_before_training(ray_loca
     from dataclasses import replace
 
     from tidal.data import DataError
-    from tidal.train.launch import ensure_data
+    from tidal.data.ready import ensure_data
 
     src = tmp_path / "src"
     shutil.copytree(corpus, src)

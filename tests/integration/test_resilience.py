@@ -9,7 +9,7 @@ import pytest
 
 from tests.integration.conftest import events, needs_shakespeare, records, small_cfg
 from tidal.train import integrity
-from tidal.train.launch import RunStopped, run_pretrain
+from tidal.train.launch import RunStopped, run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
 
@@ -27,7 +27,7 @@ def out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def baseline(ray_local, out):
     """The uninterrupted run every recovery is compared with."""
-    summary = run_pretrain(small_cfg(out, run={"name": "baseline"}, train=DET))
+    summary = run_stage("pretrain", small_cfg(out, run={"name": "baseline"}, train=DET))
     return {r["step"]: r for r in records(summary["run_dir"])}
 
 
@@ -37,7 +37,7 @@ def test_sigkilled_workers_recover_bit_exactly(baseline, out):
     # again: the half-written checkpoint_8 must not be loaded)
     cfg = small_cfg(out, run={"name": "killed"}, scaling={"max_failures": 3},
                     train={**DET, "inject_faults": ["kill@6:1", "kill_in_save@8:0"]})
-    summary = run_pretrain(cfg)
+    summary = run_stage("pretrain", cfg)
     recs = records(summary["run_dir"])
     assert [r["step"] for r in recs] == list(range(1, 13))  # none lost, none repeated
     for r in recs:
@@ -54,7 +54,7 @@ def test_sigkilled_workers_recover_bit_exactly(baseline, out):
 
 def test_damaged_checkpoints_are_skipped(baseline, out):
     name = "damaged"
-    run_pretrain(small_cfg(out, run={"name": name}, train=DET))
+    run_stage("pretrain", small_cfg(out, run={"name": name}, train=DET))
     storage = os.path.join(str(out), name)
     ckpts = dict(integrity.list_checkpoints(storage))
     assert sorted(ckpts) == [4, 8, 12]
@@ -79,7 +79,7 @@ def test_damaged_checkpoints_are_skipped(baseline, out):
     # the run resumes there and reproduces the uninterrupted losses
     shutil.rmtree(ckpts[4])
     shutil.copytree(os.path.join(str(out), "baseline", "checkpoint_0000004"), ckpts[4])
-    resumed = run_pretrain(small_cfg(out, run={"name": name}, train=DET))
+    resumed = run_stage("pretrain", small_cfg(out, run={"name": name}, train=DET))
     ev = events(resumed["run_dir"])
     assert {e["step"] for e in ev if e["event"] == "checkpoint_skipped"} == {8, 12}
     # events.jsonl keeps every driver session: the first run's start, then this one's
@@ -92,7 +92,7 @@ def test_divergence_rolls_back_and_skips_the_window(ray_local, out):
     guard = {"min_history": 3, "window": 10, "loss_spike_factor": 3.0}
     cfg = small_cfg(out, run={"name": "diverge"}, train={
         **DET, "guard": guard, "inject_faults": ["nan@6", "spike@11"]})
-    summary = run_pretrain(cfg)
+    summary = run_stage("pretrain", cfg)
     rb = summary["rollbacks"]
     assert [r["step"] for r in rb] == [6, 11]
     assert "non-finite" in rb[0]["reason"] and "loss spike" in rb[1]["reason"]
@@ -105,8 +105,10 @@ def test_divergence_rolls_back_and_skips_the_window(ray_local, out):
     assert [r["step"] for r in recs] == list(range(1, 13))
     assert all(r["loss"] == r["loss"] and r["loss"] < 20 for r in recs)  # no NaN, no spike kept
     state = json.load(open(os.path.join(summary["checkpoint"], "trainer_state.json")))
-    assert state["skipped"] == [rb[0]["skipped_samples"], rb[1]["skipped_samples"]]
-    assert state["cursor"] == (12 + 2 + 3) * gb  # 12 steps trained + 5 batches skipped
+    source = state["states"]["source"]  # the data position is the source's named state
+    assert source["skipped"] == [rb[0]["skipped_samples"], rb[1]["skipped_samples"]]
+    assert source["cursor"] == (12 + 2 + 3) * gb  # 12 steps trained + 5 batches skipped
+    assert state["states"]["engine"]["step"] == 12 and state["format"] == 2
 
 
 def test_too_many_rollbacks_and_repeating_failures_stop_with_a_report(ray_local, out):
@@ -114,19 +116,19 @@ def test_too_many_rollbacks_and_repeating_failures_stop_with_a_report(ray_local,
     cfg = small_cfg(out, run={"name": "hopeless"},
                     train={**DET, "guard": guard, "inject_faults": ["nan@3", "nan@6"]})
     with pytest.raises(RunStopped, match=r"max_rollbacks=1 .*diverging"):
-        run_pretrain(cfg)
+        run_stage("pretrain", cfg)
     # a worker that dies at the same step on every attempt: stopped after two attempts
     cfg = small_cfg(out, run={"name": "crashloop"}, scaling={"max_failures": 5, "workers": 1},
                     train={**DET, "checkpoint_every": 2, "inject_faults": ["crash@3"]})
     with pytest.raises(RunStopped, match=r"last 2 attempts all failed at step 3"):
-        run_pretrain(cfg)
+        run_stage("pretrain", cfg)
 
 
 def test_resume_refuses_a_changed_meaning_unless_allowed(ray_local, out):
     name = "drift"
-    run_pretrain(small_cfg(out, run={"name": name}, train={**DET, "stop_at_step": 4}))
+    run_stage("pretrain", small_cfg(out, run={"name": name}, train={**DET, "stop_at_step": 4}))
     with pytest.raises(ValueError) as e:
-        run_pretrain(small_cfg(out, run={"name": name}, model={"num_layers": 3},
+        run_stage("pretrain", small_cfg(out, run={"name": name}, model={"num_layers": 3},
                                optim={"lr": 1e-3}, train=DET))
     msg = str(e.value)
     assert "model.num_layers: 2 in the checkpoint -> 3 now" in msg
@@ -134,9 +136,9 @@ def test_resume_refuses_a_changed_meaning_unless_allowed(ray_local, out):
     assert "run.allow_changes" in msg
     # allowed: a new learning rate (the shape change can never be loaded, even if allowed)
     with pytest.raises(ValueError, match="cannot be loaded"):
-        run_pretrain(small_cfg(out, run={"name": name, "allow_changes": ["model.num_layers"]},
+        run_stage("pretrain", small_cfg(out, run={"name": name, "allow_changes": ["model.num_layers"]},
                                model={"num_layers": 3}, train=DET))
-    summary = run_pretrain(small_cfg(out, run={"name": name, "allow_changes": ["optim"]},
+    summary = run_stage("pretrain", small_cfg(out, run={"name": name, "allow_changes": ["optim"]},
                                      optim={"lr": 1e-3}, train={**DET, "stop_at_step": 6}))
     recs = records(summary["run_dir"])
     assert [r["step"] for r in recs][-2:] == [5, 6]
@@ -144,7 +146,7 @@ def test_resume_refuses_a_changed_meaning_unless_allowed(ray_local, out):
 
 
 def test_async_checkpoints_commit_and_leave_training_unchanged(baseline, out):
-    summary = run_pretrain(small_cfg(out, run={"name": "async"},
+    summary = run_stage("pretrain", small_cfg(out, run={"name": "async"},
                                      train={**DET, "async_checkpoint": True}))
     for r in records(summary["run_dir"]):
         assert r["loss"] == baseline[r["step"]]["loss"], r["step"]
@@ -154,7 +156,7 @@ def test_async_checkpoints_commit_and_leave_training_unchanged(baseline, out):
     for _, path in integrity.list_checkpoints(os.path.join(str(out), "async")):
         assert integrity.verify(path) == []
     # an async checkpoint restores like any other
-    resumed = run_pretrain(small_cfg(out, run={"name": "async-resume", "resume_from": os.path.join(
+    resumed = run_stage("pretrain", small_cfg(out, run={"name": "async-resume", "resume_from": os.path.join(
         str(out), "async", "checkpoint_0000008")}, train=DET))
     for r in records(resumed["run_dir"]):
         assert r["loss"] == baseline[r["step"]]["loss"], r["step"]

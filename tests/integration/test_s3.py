@@ -99,7 +99,7 @@ def test_training_with_checkpoints_and_export_on_s3(s3_ray, tmp_path):
 
     from tests.integration.conftest import small_cfg
     from tidal.data import io as tio
-    from tidal.train.launch import run_pretrain
+    from tidal.train.launch import run_stage
 
     fs = s3_ray
     cfg = small_cfg(tmp_path, run={"name": "s3run", "storage_path": "s3://tidal-test/runs"},
@@ -111,7 +111,7 @@ def test_training_with_checkpoints_and_export_on_s3(s3_ray, tmp_path):
                     train={"max_steps": 4, "global_batch_tokens": 512, "checkpoint_every": 2,
                            "eval_every": 2},
                     schedule={"warmup_steps": 1})
-    summary = run_pretrain(cfg)
+    summary = run_stage("pretrain", cfg)
     assert summary["checkpoint"] == "tidal-test/runs/s3run/checkpoint_0000004" or \
         summary["checkpoint"].endswith("s3run/checkpoint_0000004")
     names = {i.path for i in fs.get_file_info(pafs.FileSelector("tidal-test/runs/s3run", recursive=True))}

@@ -32,8 +32,8 @@ def _engine():
 def _checkpoint(path, engine=None):
     """A real single-worker tidal checkpoint: DCP shards, state, RNG, commit record."""
     engine = engine or _engine()
-    engine.step, engine.cursor = 3, 12
-    ckpt.save(engine, path, {"config": {}})
+    engine.step = 3
+    ckpt.save(engine, path, {"config": {}}, states={"source": {"cursor": 12, "skipped": []}})
     integrity.write_rank_manifest(path, 0)
     integrity.commit(path, 1, 3)
     return engine
@@ -72,7 +72,7 @@ def test_real_checkpoint_round_trips(tmp_path):
         for p in other.model.parameters():
             p.zero_()
     state = ckpt.load(other, path)
-    assert state["step"] == 3 and other.cursor == 12
+    assert state["step"] == 3 and state["states"]["source"]["cursor"] == 12
     for a, b in zip(engine.model.state_dict().values(), other.model.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -115,7 +115,7 @@ class _Split:
 
 
 def test_precomputed_reference_gives_the_per_batch_losses(tmp_path):
-    from tidal.objectives import DPOObjective
+    from tidal.objectives import DPOObjective, to_batch
     from tidal.objectives.preference import reference_sums
     from tidal.train import reference as R
 
@@ -138,12 +138,17 @@ def test_precomputed_reference_gives_the_per_batch_losses(tmp_path):
     R.save(str(tmp_path / "refs"), rows, {"m": 1})
     assert R.load(str(tmp_path / "refs"), {"m": 2}) is None  # another model or data: recompute
     table = R.ReferenceTable(R.load(str(tmp_path / "refs"), {"m": 1}))
-    batch = torch.from_numpy(pairs)
+    cpu = torch.device("cpu")
+    batch = to_batch("pairs", pairs, cpu)
+    with_ref = {**batch, "ref_logps": table.lookup(pairs, cpu)}
     for loss in ("sigmoid", "ipo"):
         live, pre = DPOObjective(beta=0.5, loss=loss), DPOObjective(beta=0.5, loss=loss)
-        live.reference, pre.table = ref, table
-        a, b = live._terms(policy, batch), pre._terms(policy, batch)
+        live.reference = ref
+        a, b = live._terms(policy, batch), pre._terms(policy, with_ref)
         for x, y in zip(a[:3], b[:3]):  # losses, chosen and rejected rewards
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        (ls, lw, lstats), (ps, pw, pstats) = live.loss(policy, batch), pre.loss(policy, with_ref)
+        torch.testing.assert_close(ls, ps, atol=1e-5, rtol=1e-5)
+        assert lw == pw == 7 and set(lstats) == set(pstats)
     with pytest.raises(KeyError, match="missing from the precomputed"):
-        table.lookup(torch.from_numpy(pairs[:1] + 1))
+        table.lookup(pairs[:1] + 1, cpu)

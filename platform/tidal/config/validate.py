@@ -8,7 +8,8 @@ import re
 from typing import List
 
 from tidal.config.convert import ConfigError
-from tidal.config.schema import DataConfig, ExportConfig, PrepareConfig, PretrainConfig, worker_bounds
+from tidal.config.schema import (DataConfig, ExportConfig, PairDataConfig, PrepareConfig, PretrainConfig,
+                                 RewardConfig, worker_bounds)
 from tidal.data.io import CLOUD_PREFIXES as _CLOUD
 from tidal.train.faults import parse as parse_faults
 
@@ -282,11 +283,10 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         if not lo.target_modules:
             p.append("model.lora.target_modules: empty; give module names (e.g. [q_proj, v_proj]) "
                      "or [all-linear]")
-        kind = type(cfg).__name__
-        if kind == "PretrainConfig" and not m.pretrained:
+        if isinstance(cfg, PretrainConfig) and not m.pretrained:
             p.append("model.lora.rank: LoRA adapts a pretrained model; set model.pretrained to an "
                      "HF directory (or use model.lora.rank=0)")
-        if kind == "RewardConfig":
+        if isinstance(cfg, RewardConfig):
             p.append("model.lora.rank: the reward job trains all weights; LoRA is for sft and dpo "
                      "(use model.lora.rank=0)")
     if m.pretrained is not None:
@@ -305,7 +305,7 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
            f">= data.seq_len ({cfg.data.seq_len})", m.max_position_embeddings)
     if isinstance(cfg.data, DataConfig):
         check_data(cfg.data, p)
-    elif type(cfg.data).__name__ == "PairDataConfig":
+    elif isinstance(cfg.data, PairDataConfig):
         check_post_data(cfg.data, p, "embedded:pydocs_prefs")
     else:
         check_post_data(cfg.data, p, "embedded:pydocs_instruct")

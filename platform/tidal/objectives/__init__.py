@@ -1,12 +1,11 @@
 """Losses and objectives: what turns a batch of samples into a loss (training) and into
 summed losses and counts (evaluation). Every stage is an objective on the same engine."""
+from tidal.objectives.batch import IGNORE, Batch, to_batch
 from tidal.objectives.causal_lm import LMObjective, SFTObjective, causal_lm_loss, split_sample
 from tidal.objectives.logprobs import (chunked_token_logprobs, model_token_logprobs, sequence_logprob,
                                       shift_targets, token_logprobs)
 from tidal.objectives.preference import DPOObjective, RewardObjective
 
-OBJECTIVES = {"lm": LMObjective, "sft": SFTObjective, "reward": RewardObjective, "dpo": DPOObjective}
-
-__all__ = ["OBJECTIVES", "LMObjective", "SFTObjective", "RewardObjective", "DPOObjective",
+__all__ = ["IGNORE", "Batch", "to_batch", "LMObjective", "SFTObjective", "RewardObjective", "DPOObjective",
            "causal_lm_loss", "split_sample", "chunked_token_logprobs", "sequence_logprob",
            "token_logprobs", "model_token_logprobs", "shift_targets"]

@@ -1,17 +1,18 @@
 """Language-modelling objectives: next-token loss for pretraining and for SFT.
 
-An objective is what turns a batch of samples into a loss (training) and into a summed
-loss plus a token count (evaluation); the engine, loader, checkpoints and fault
-tolerance are shared by every stage.
+An objective turns a batch of named tensors (``tidal.objectives.batch``) into
+``(loss_sum, weight, stats)``: the loss summed over what it counts, how many things it
+counted (tokens here), and statistics as (sum, count). The engine adds these up over
+micro-batches and ranks and divides once, so every counted token weighs the same whatever
+the world size or micro-batch grouping.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from tidal.objectives.logprobs import model_token_logprobs, shift_targets
-
-IGNORE = -100
+from tidal.objectives.batch import IGNORE, Batch
+from tidal.objectives.logprobs import model_token_logprobs
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
@@ -26,42 +27,41 @@ def split_sample(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class LMObjective:
-    """Pretraining: samples are ``[seq_len + 1]`` packed tokens; every next token counts."""
+    """Pretraining: every next token of the packed samples counts."""
 
     name = "lm"
+    data_kind = "lm"
+    head = "lm"
+    stats = ()
 
-    def __call__(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        inputs, labels = split_sample(tokens)
-        return causal_lm_loss(model(input_ids=inputs).logits, labels)
+    @classmethod
+    def from_config(cls, cfg) -> "LMObjective":
+        return cls()
 
-    def eval_sums(self, model: torch.nn.Module, tokens: torch.Tensor):
-        inputs, labels = split_sample(tokens)
-        logits = model(input_ids=inputs).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                               reduction="sum")
-        return loss, labels.numel()
+    def loss(self, model: torch.nn.Module, batch: Batch):
+        logits = model(input_ids=batch["input_ids"]).logits
+        targets = batch["targets"]
+        total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                ignore_index=IGNORE, reduction="sum")
+        return total, batch["loss_mask"].sum(), {}
 
 
 class SFTObjective:
-    """SFT: samples are ``[3, seq_len]`` (ids, labels, positions); the loss is the mean over
-    response tokens only. Position ids restart at each packed example, so attention stays
-    within it (the model builds the block-diagonal mask from them)."""
+    """SFT: the loss counts response tokens only (the others are ``IGNORE``). Position ids
+    restart at each packed example, so attention stays within it (the model builds the
+    block-diagonal mask from them). Log-probs are chunked: never the full logits."""
 
     name = "sft"
+    data_kind = "sft"
+    head = "lm"
+    stats = ()
 
-    @staticmethod
-    def _token_logps(model, batch):
-        """Log-probs of the response tokens (chunked: never the full logits) and their mask."""
-        ids, labels, pos = batch[:, 0], batch[:, 1], batch[:, 2]
-        target = shift_targets(labels)
-        logp, _ = model_token_logprobs(model, target, input_ids=ids, position_ids=pos, use_cache=False)
-        return logp, target != IGNORE
+    @classmethod
+    def from_config(cls, cfg) -> "SFTObjective":
+        return cls()
 
-    def __call__(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        logp, mask = self._token_logps(model, batch)
+    def loss(self, model: torch.nn.Module, batch: Batch):
+        logp, _ = model_token_logprobs(model, batch["targets"], input_ids=batch["input_ids"],
+                                       position_ids=batch["position_ids"], use_cache=False)
         # a batch of padding only gives zero (logp is 0 there), keeping the graph
-        return -logp.sum() / mask.sum().clamp(min=1)
-
-    def eval_sums(self, model: torch.nn.Module, batch: torch.Tensor):
-        logp, mask = self._token_logps(model, batch)
-        return -logp.sum(), int(mask.sum())
+        return -logp.sum(), batch["loss_mask"].sum(), {}

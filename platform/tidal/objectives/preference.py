@@ -1,66 +1,42 @@
-"""Preference objectives on ``[4, seq_len]`` pair samples (chosen ids, chosen labels,
-rejected ids, rejected labels): a Bradley-Terry reward model and DPO (sigmoid, IPO and
+"""Preference objectives on pair batches (both sides stacked, chosen first; see
+``tidal.objectives.batch``): a Bradley-Terry reward model and DPO (sigmoid, IPO and
 conservative label-smoothed variants) against a frozen reference."""
 from __future__ import annotations
-
-from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from tidal.objectives.batch import IGNORE, Batch
 from tidal.objectives.logprobs import model_token_logprobs, shift_targets
 
-IGNORE = -100
 
-
-def _pair(batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Both sides stacked: ids ``[2B, L]`` and labels ``[2B, L]`` (chosen first)."""
-    return torch.cat([batch[:, 0], batch[:, 2]]), torch.cat([batch[:, 1], batch[:, 3]])
-
-
-class _Stats:
-    """Per-step training statistics, averaged over the step's micro-batches."""
-
-    def _add(self, **values: float) -> None:
-        acc = self.__dict__.setdefault("_stats", {})
-        for k, v in values.items():
-            acc.setdefault(k, []).append(float(v))
-
-    def take_stats(self) -> Dict[str, float]:
-        acc = self.__dict__.pop("_stats", {})
-        return {k: sum(v) / len(v) for k, v in acc.items()}
-
-
-class RewardObjective(_Stats):
-    """A scalar reward at each sequence's last token; loss ``-log sigmoid(r_c - r_r)``."""
+class RewardObjective:
+    """A scalar reward at each sequence's last token; loss ``-log sigmoid(r_c - r_r)`` summed
+    over pairs (the weight is the number of pairs)."""
 
     name = "reward"
+    data_kind = "pairs"
     head = "reward"
-    eval_keys = ("accuracy", "margin")
+    stats = ("accuracy", "margin")
 
-    def rewards(self, model, batch):
-        ids, _ = _pair(batch)
-        r = model(input_ids=ids).logits.squeeze(-1).float()
-        n = batch.shape[0]
-        return r[:n], r[n:]
+    @classmethod
+    def from_config(cls, cfg) -> "RewardObjective":
+        return cls()
 
-    def __call__(self, model, batch):
-        rc, rr = self.rewards(model, batch)
-        d = rc - rr
-        self._add(accuracy=(d > 0).float().mean(), margin=d.detach().mean())
-        return -F.logsigmoid(d).mean()
-
-    def eval_sums(self, model, batch):
-        rc, rr = self.rewards(model, batch)
-        d = rc - rr
-        return -F.logsigmoid(d).sum(), batch.shape[0], {
-            "accuracy": float((d > 0).sum()), "margin": float(d.sum())}
+    def loss(self, model, batch: Batch):
+        r = model(input_ids=batch["input_ids"]).logits.squeeze(-1).float()
+        n = r.shape[0] // 2
+        d = r[:n] - r[n:]
+        return -F.logsigmoid(d).sum(), n, {"accuracy": ((d > 0).sum(), n), "margin": (d.detach().sum(), n)}
 
 
 def sequence_logps(model, ids: torch.Tensor, labels: torch.Tensor, average: bool = False):
     """Sum (or mean) of the log-probs of each sequence's labelled tokens, and per-token
     log-probs with their mask (for KL estimates); chunked, never the full logits."""
-    target = shift_targets(labels)
+    return _sequence_logps(model, ids, shift_targets(labels), average)
+
+
+def _sequence_logps(model, ids: torch.Tensor, target: torch.Tensor, average: bool = False):
     tok, _ = model_token_logprobs(model, target, input_ids=ids)
     mask = target != IGNORE
     tok = tok * mask
@@ -70,51 +46,58 @@ def sequence_logps(model, ids: torch.Tensor, labels: torch.Tensor, average: bool
     return total, tok, mask
 
 
-def reference_sums(reference, batch: torch.Tensor):
-    """Per pair sample: the reference's summed log-probs ``[B, 2]`` (chosen, rejected) and
+def reference_sums(reference, batch: Batch):
+    """Per pair: the reference's summed log-probs ``[B, 2]`` (chosen, rejected) and
     labelled-token counts ``[B, 2]`` (for ``dpo.reference=precompute``)."""
-    ids, labels = _pair(batch)
-    total, _, mask = sequence_logps(reference, ids, labels)
-    n = batch.shape[0]
+    total, _, mask = _sequence_logps(reference, batch["input_ids"], batch["targets"])
+    n = total.shape[0] // 2
     counts = mask.sum(-1).double()
     return (torch.stack([total[:n], total[n:]], 1).double(),
             torch.stack([counts[:n], counts[n:]], 1))
 
 
-class DPOObjective(_Stats):
+class DPOObjective:
     """``x = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r))``;
     sigmoid: ``-log sigmoid(beta x)``; cdpo: label smoothing ``eps`` over both orders;
-    ipo: ``(x - 1/(2 beta))^2`` on length-averaged log-probs. Reference log-probs are
-    computed per batch without gradients (``self.reference``, set by the loop), or looked up
-    in a precomputed table (``self.table``); the KL estimate is then per sequence (k1)."""
+    ipo: ``(x - 1/(2 beta))^2`` on length-averaged log-probs. The loss is summed over pairs
+    (the weight is the number of pairs). Reference log-probs are computed per batch without
+    gradients (``self.reference``, set by the worker), or come with the batch
+    (``ref_logps``, from the precomputed table); the KL estimate is then per sequence (k1)
+    instead of per token (k3). Statistics: preference accuracy, margin, the implicit
+    rewards, and the KL per reply token."""
 
     name = "dpo"
+    data_kind = "pairs"
     head = "lm"
     needs_reference = True
-    eval_keys = ("accuracy", "margin", "chosen_reward", "rejected_reward", "kl")
+    stats = ("accuracy", "margin", "chosen_reward", "rejected_reward", "kl")
 
     def __init__(self, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0):
         self.beta, self.loss_type, self.eps = beta, loss, label_smoothing
         self.reference = None
-        self.table = None  # a ReferenceTable (tidal.train.reference) when precomputed
 
-    def _terms(self, model, batch):
-        ids, labels = _pair(batch)
+    @classmethod
+    def from_config(cls, cfg) -> "DPOObjective":
+        d = cfg.dpo
+        return cls(beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing)
+
+    def _terms(self, model, batch: Batch):
+        ids, target = batch["input_ids"], batch["targets"]
         avg = self.loss_type == "ipo"
-        pi, pi_tok, mask = sequence_logps(model, ids, labels, avg)
-        n = batch.shape[0]
-        if self.table is not None:
-            r = self.table.lookup(batch)  # [B, 4]: sums chosen, rejected; counts chosen, rejected
+        pi, pi_tok, mask = _sequence_logps(model, ids, target, avg)
+        n = pi.shape[0] // 2
+        if "ref_logps" in batch:
+            r = batch["ref_logps"]  # [B, 4]: sums chosen, rejected; counts chosen, rejected
             sums, counts = torch.cat([r[:, 0], r[:, 1]]), torch.cat([r[:, 2], r[:, 3]])
             ref = (sums / counts.clamp(min=1) if avg else sums).to(pi.dtype)
-            # k1: the mean per-token log-ratio, from sequence sums
-            kl = (pi_tok.detach().sum() - sums.sum().to(pi.dtype)) / counts.sum().clamp(min=1).to(pi.dtype)
+            # k1: the summed per-token log-ratio, from sequence sums
+            kl = (pi_tok.detach().sum() - sums.sum().to(pi.dtype), counts.sum().to(pi.dtype))
         else:
             with torch.no_grad():
-                ref, ref_tok, _ = sequence_logps(self.reference, ids, labels, avg)
+                ref, ref_tok, _ = _sequence_logps(self.reference, ids, target, avg)
             # k3 estimate of KL(policy || reference) on the pairs' reply tokens (>= 0)
             log_ratio = (ref_tok - pi_tok.detach())[mask]
-            kl = (log_ratio.exp() - 1 - log_ratio).mean() if log_ratio.numel() else torch.zeros(())
+            kl = ((log_ratio.exp() - 1 - log_ratio).sum(), mask.sum())
         x = (pi[:n] - pi[n:]) - (ref[:n] - ref[n:])
         if self.loss_type == "ipo":
             losses = (x - 1.0 / (2 * self.beta)) ** 2
@@ -125,16 +108,10 @@ class DPOObjective(_Stats):
         rejected = self.beta * (pi[n:] - ref[n:]).detach()
         return losses, chosen, rejected, kl
 
-    def __call__(self, model, batch):
+    def loss(self, model, batch: Batch):
         losses, chosen, rejected, kl = self._terms(model, batch)
-        self._add(accuracy=(chosen > rejected).float().mean(), margin=(chosen - rejected).mean(),
-                  kl=kl)
-        return losses.mean()
-
-    def eval_sums(self, model, batch) -> Tuple[torch.Tensor, int, Dict[str, float]]:
-        losses, chosen, rejected, kl = self._terms(model, batch)
-        n = batch.shape[0]
-        return losses.sum(), n, {"accuracy": float((chosen > rejected).sum()),
-                                 "margin": float((chosen - rejected).sum()),
-                                 "chosen_reward": float(chosen.sum()),
-                                 "rejected_reward": float(rejected.sum()), "kl": float(kl) * n}
+        n = losses.shape[0]
+        return losses.sum(), n, {"accuracy": ((chosen > rejected).sum(), n),
+                                 "margin": ((chosen - rejected).sum(), n),
+                                 "chosen_reward": (chosen.sum(), n),
+                                 "rejected_reward": (rejected.sum(), n), "kl": kl}

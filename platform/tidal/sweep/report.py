@@ -9,7 +9,8 @@ import os
 from typing import Dict, List, Optional
 
 from tidal.config import from_dict
-from tidal.sweep.space import JOBS, coerce, trial_dict
+from tidal import stages
+from tidal.sweep.space import coerce, trial_dict
 
 PLOT_KEYS = ("schedule.name", "optim.lr", "schedule.warmup_steps", "schedule.warmup_fraction")
 
@@ -188,7 +189,7 @@ def lr_plot(rows: List[Dict], sweep, base: Dict, path: str) -> str:
 
     from tidal.optim import lr_at
 
-    schema = JOBS[sweep.job][0]
+    schema = stages.get(sweep.job).schema
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
     for r in reversed(rows):
         params = {p.key: r[p.key] for p in sweep.search.space if p.key in r}

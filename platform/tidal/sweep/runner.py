@@ -7,7 +7,8 @@ from typing import Dict
 
 from tidal.config import ConfigError, from_dict, to_dict
 from tidal.sweep import report
-from tidal.sweep.space import JOBS, check, mutations, tune_space
+from tidal import stages
+from tidal.sweep.space import check, mutations, tune_space
 from tidal.sweep import trial
 
 EXPERIMENT = "experiment"
@@ -25,11 +26,11 @@ def prepare_base(sweep, base: Dict) -> Dict:
         raise ConfigError(problems)
     from tidal.train.launch import absolute_paths
 
-    schema, validate, _ = JOBS[sweep.job]
+    stage = stages.get(sweep.job)
     d = copy.deepcopy(base)
     d["run"]["output_dir"] = os.path.join(sweep_dir(sweep), "trials")
     d["run"]["resume_from"] = None
-    return to_dict(absolute_paths(validate(from_dict(schema, d))))
+    return to_dict(absolute_paths(stage.validate(from_dict(stage.schema, d))))
 
 
 def _scheduler(sweep, max_steps: int):
@@ -78,7 +79,7 @@ def run_sweep(sweep, base: Dict, log=print) -> Dict:
     """Run (or resume) the sweep and return its summary; results under ``sweep_dir``."""
     from ray import tune
 
-    from tidal.train.launch import ensure_job_data, init_ray
+    from tidal.train.launch import init_ray
 
     base = prepare_base(sweep, base)
     root = sweep_dir(sweep)
@@ -90,10 +91,10 @@ def run_sweep(sweep, base: Dict, log=print) -> Dict:
                            "another name, or resume=true to continue it"])
     init_ray()
     # One prepared data set for every trial, made here before any trial starts.
-    schema, validate, objective = JOBS[sweep.job]
-    cfg = from_dict(schema, base)
+    stage = stages.get(sweep.job)
+    cfg = from_dict(stage.schema, base)
     storage = cfg.run.storage_path or cfg.run.output_dir
-    data_dir, _ = ensure_job_data(cfg, storage, objective, log)
+    data_dir, _ = stage.prepare_data(cfg, storage, log)
     log(f"data for every trial: {data_dir}")
 
     # the trial itself only waits on its run; the CPUs are held by that run's Ray Train workers

@@ -3,18 +3,10 @@ and the trial config (the job's config with the sampled values set)."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Dict, List
 
-from tidal.config import (ConfigError, DPOConfig, PretrainConfig, RewardConfig, SFTConfig, SweepConfig,
-                          allowed_keys, from_dict, validate_pairs, validate_pretrain, validate_sft)
+from tidal.config import ConfigError, SweepConfig, allowed_keys, from_dict
 
-# job -> (schema, validation, objective)
-JOBS: Dict[str, Tuple[type, Callable, str]] = {
-    "pretrain": (PretrainConfig, validate_pretrain, "lm"),
-    "sft": (SFTConfig, validate_sft, "sft"),
-    "reward": (RewardConfig, validate_pairs, "reward"),
-    "dpo": (DPOConfig, validate_pairs, "dpo"),
-}
 TYPES = ("loguniform", "uniform", "randint", "choice")
 ALGORITHMS = ("grid", "random", "optuna")
 SCHEDULERS = ("asha", "pbt", "fifo")
@@ -22,14 +14,14 @@ SCHEDULERS = ("asha", "pbt", "fifo")
 
 def job_metrics(job: str) -> List[str]:
     """What the job reports at each evaluation (a sweep ranks trials by one of these)."""
-    from tidal.objectives import OBJECTIVES
+    from tidal import stages
 
-    objective = OBJECTIVES[JOBS[job][2]]
-    keys = list(getattr(objective, "eval_keys", ()))
+    stage = stages.get(job)
+    keys = list(stage.objective.stats)
     out = ["val_loss", "val_ppl"] + [f"val_{k}" for k in keys] + ["loss"]
-    if job == "pretrain":
+    if stage.data_kind == "lm":  # bits per byte: the corpus records its bytes
         out.insert(2, "val_bpb")
-    return out + [k for k in keys if k in ("accuracy", "margin", "kl")]
+    return out + keys
 
 
 def set_key(d: Dict, dotted: str, value: Any) -> None:
@@ -77,14 +69,17 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
     from tidal.optim import OPTIMIZERS, SCHEDULES
 
     p: List[str] = []
-    if sweep.job not in JOBS:
-        return [f"job: '{sweep.job}' is not one of {', '.join(JOBS)}"]
-    schema, validate, _ = JOBS[sweep.job]
+    from tidal import stages
+
+    if sweep.job not in stages.STAGES:
+        return [f"job: '{sweep.job}' is not one of {', '.join(stages.STAGES)}"]
+    stage = stages.get(sweep.job)
+    schema, validate = stage.schema, stage.validate
     from tidal.config.validate import check_credentials, check_name
 
     check_name(p, "name", sweep.name)
     check_credentials(p, sweep)
-    if sweep.job != "pretrain" and not (base.get("model") or {}).get("pretrained"):
+    if stage.needs_pretrained and not (base.get("model") or {}).get("pretrained"):
         p.append(f"overrides: the {sweep.job} job starts from an HF model directory; add "
                  "model.pretrained=<dir> (e.g. a pretraining run's hf/ export) to the overrides")
     metrics = job_metrics(sweep.job)

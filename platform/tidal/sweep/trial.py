@@ -20,7 +20,8 @@ from typing import Any, Dict
 
 from tidal.config import from_dict
 from tidal.data import io as tio
-from tidal.sweep.space import JOBS, trial_dict
+from tidal import stages
+from tidal.sweep.space import trial_dict
 
 POINTER = "tidal_checkpoint.json"
 REPORTED = ("step", "tokens_seen", "lr", "loss", "epoch")
@@ -57,11 +58,11 @@ def run_trial(params: Dict[str, Any], base: Dict, sweep) -> None:
     from ray import tune
 
     from tidal.train import integrity
-    from tidal.train.launch import run_training
+    from tidal.train.launch import run_stage
 
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
-    schema, validate, objective = JOBS[sweep.job]
+    stage = stages.get(sweep.job)
     d = trial_dict(base, sweep, params)
     run_id = f"{sweep.name}-{trial_id}"
     name = run_id
@@ -80,7 +81,7 @@ def run_trial(params: Dict[str, Any], base: Dict, sweep) -> None:
     t["checkpoint_every"] = t["eval_every"]  # every report carries a checkpoint
     t["async_checkpoint"] = False
     t["keep_checkpoints"] = max(t["keep_checkpoints"], -(-t["max_steps"] // t["eval_every"]) + 1)
-    cfg = validate(from_dict(schema, d))
+    cfg = stage.validate(from_dict(stage.schema, d))
     run_storage = tio.join(cfg.run.storage_path or cfg.run.output_dir, cfg.run.name)
 
     records: "queue.Queue[Dict]" = queue.Queue()
@@ -89,9 +90,8 @@ def run_trial(params: Dict[str, Any], base: Dict, sweep) -> None:
 
     def train():
         try:
-            outcome["summary"] = run_training(cfg, log=lambda m: print(f"[{trial_id}] {m}"),
-                                              objective=objective, on_record=records.put,
-                                              cancel=cancel)
+            outcome["summary"] = run_stage(stage, cfg, log=lambda m: print(f"[{trial_id}] {m}"),
+                                           on_record=records.put, cancel=cancel)
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread
             outcome["error"] = e
 

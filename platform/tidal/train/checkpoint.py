@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from tidal.train import integrity, safe_dcp
 from tidal.train.engine import Engine
 
 STATE_FILE = "trainer_state.json"
+FORMAT = 2  # named states (engine, source, stage); format 1 kept cursor/skipped at the top
 HF_META = "hf_meta"  # config.json + tokenizer: makes a checkpoint exportable on its own
 
 
@@ -42,19 +43,21 @@ def _model_optim_state(engine: Engine):
     """Model and optimizer state dicts; with LoRA only the trainable tensors (the adapters):
     the frozen base is the ``model.pretrained`` directory, not part of the run's state."""
     model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
-    if engine.extra.get("lora"):
-        keep = set(engine.extra["trainable_names"])
+    if engine.lora:
+        keep = set(engine.trainable_names)
         model_sd = {k: v for k, v in model_sd.items() if k in keep}
     return model_sd, optim_sd
 
 
 def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = None,
-         async_group=None):
+         async_group=None, states: Optional[Dict[str, Dict]] = None):
     """Write this rank's part of the checkpoint into ``path`` (a per-rank local dir is fine:
     Ray Train merges the workers' directories in storage). With ``async_group`` (a process
     group of its own, so that the writer thread's collectives never interleave with
     training's) the shards are staged in memory and written by a background thread: the
-    returned future completes when they are on disk. Otherwise returns None when done."""
+    returned future completes when they are on disk. Otherwise returns None when done.
+    ``states`` are the other named states of the run (``source``: the data position;
+    ``stage``: a stage's own, e.g. a KL controller), JSON values kept beside the engine's."""
     os.makedirs(path, exist_ok=True)
     model_sd, optim_sd = _model_optim_state(engine)
     future = None
@@ -67,8 +70,11 @@ def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = N
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save(_rng_state(engine.device), os.path.join(path, "rng", f"rank_{engine.rank}.pt"))
     if engine.rank == 0:
-        state = {"step": engine.step, "cursor": engine.cursor, "tokens_seen": engine.tokens_seen,
-                 "world_size": engine.world, "skipped": engine.extra.get("skipped", []), **meta}
+        named = {"engine": {"step": engine.step, "tokens_seen": engine.tokens_seen}, **(states or {})}
+        state = {"format": FORMAT, "step": engine.step, "tokens_seen": engine.tokens_seen,
+                 "world_size": engine.world, "states": named, **meta}
+        if "source" in named:  # format 1's fields, for readers that predate named states
+            state.update(cursor=named["source"].get("cursor"), skipped=named["source"].get("skipped", []))
         with open(os.path.join(path, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
         hf_meta = os.path.join(path, HF_META)
@@ -80,21 +86,30 @@ def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = N
 
 
 def read_state(path: str) -> Dict:
+    """``trainer_state.json``, with format 1 (cursor and skipped windows at the top level)
+    read as named states."""
     with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
+        state = json.load(f)
+    if "states" not in state:
+        state["states"] = {"engine": {"step": state["step"], "tokens_seen": state["tokens_seen"]},
+                           "source": {"cursor": state.get("cursor", 0),
+                                      "skipped": state.get("skipped", [])}}
+    return state
 
 
 def load(engine: Engine, path: str) -> Dict:
-    """Restore model, optimizer, counters and (when the rank existed) RNG from ``path``."""
+    """Restore model, optimizer, step counters and (when the rank existed) RNG from
+    ``path``; returns the trainer state, whose ``states`` the caller hands to the source
+    and the stage."""
     model_sd, optim_sd = _model_optim_state(engine)
     state = {"model": model_sd, "optim": optim_sd}
     safe_dcp.load(state, path)
     set_state_dict(engine.model, engine.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=not engine.extra.get("lora")))
+                   options=StateDictOptions(strict=not engine.lora))
     meta = read_state(path)
-    engine.step, engine.cursor, engine.tokens_seen = meta["step"], meta["cursor"], meta["tokens_seen"]
-    engine.extra["skipped"] = [list(w) for w in meta.get("skipped", [])]
+    engine.step = meta["states"]["engine"]["step"]
+    engine.tokens_seen = meta["states"]["engine"]["tokens_seen"]
     rng_file = os.path.join(path, "rng", f"rank_{engine.rank}.pt")
     if os.path.exists(rng_file):
         rng = torch.load(rng_file, weights_only=True)
@@ -102,20 +117,22 @@ def load(engine: Engine, path: str) -> Dict:
         if "cuda" in rng and engine.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], engine.device)
     else:  # a new rank after a resize: derive its stream from the seed and the step
-        torch.manual_seed(engine.cfg.train.seed * 1_000_003 + engine.step * 101 + engine.rank)
+        torch.manual_seed(engine.spec.train.seed * 1_000_003 + engine.step * 101 + engine.rank)
     return meta
 
 
 class Checkpointer:
     """Saves (sync or async), uploads through ``ray.train.report``, commits, prunes."""
 
-    def __init__(self, engine, run_dir: str, meta: Dict, tok_dir: str, injector, hub):
+    def __init__(self, engine, run_dir: str, meta: Dict, tok_dir: str, injector, hub,
+                 states: Optional[Callable[[], Dict[str, Dict]]] = None):
         self.engine, self.run_dir, self.meta, self.tok_dir = engine, run_dir, meta, tok_dir
+        self.states = states or dict  # the run's other named states at save time
         self.injector, self.hub = injector, hub
-        self.keep = engine.cfg.train.keep_checkpoints
+        self.keep = engine.spec.train.keep_checkpoints
         self.pending: Optional[tuple] = None
         self.group = None
-        if engine.cfg.train.async_checkpoint:
+        if engine.spec.train.async_checkpoint:
             # the writer thread gets a process group of its own (gloo: it moves host memory)
             self.group = dist.new_group(backend="gloo") if C.distributed(engine.world) else True
         self.last_saved = -1
@@ -133,7 +150,7 @@ class Checkpointer:
             tio.remove_tree(target)
         C.barrier(e.world)
         tmp = tempfile.mkdtemp(prefix="tidal-ckpt-")
-        future = save(e, tmp, self.meta, self.tok_dir, async_group=self.group)
+        future = save(e, tmp, self.meta, self.tok_dir, async_group=self.group, states=self.states())
         self.last_saved = e.step
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if future is None:

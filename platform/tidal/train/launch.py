@@ -19,7 +19,7 @@ import yaml
 from tidal.config import PretrainConfig, fingerprint, to_dict
 from tidal.config.schema import worker_bounds
 from tidal.data import io as tio
-from tidal.data.prepare import data_key, default_output_dir, load_manifest, manifest_hash, prepare
+from tidal.data.prepare import manifest_hash
 from tidal.tracking import plots, run_card
 from tidal.config.redact import redact
 from tidal.tracking.sinks import EventLog, MetricsLog, Progress, WandbSink
@@ -101,42 +101,6 @@ def check_resume(cfg: PretrainConfig, run_storage: str, log=print) -> Optional[s
         for line in allowed:
             log(f"allowed change on resume: {line}")
     return path
-
-
-def ensure_data(data_cfg, root: str, log=print, resuming: Optional[str] = None) -> tuple[str, Dict]:
-    """The prepared data directory and its manifest, preparing it first when missing.
-    Refuses shards that were prepared with a different data config."""
-    data_dir = default_output_dir(data_cfg, root if tio.is_cloud(root) else os.path.abspath(root))
-    manifest = load_manifest(data_dir)
-    if manifest is None:
-        log(f"no prepared data at {data_dir}: preparing '{data_cfg.name}'")
-        manifest = prepare(data_cfg, data_dir, log=log)
-    elif manifest.get("data_key") != data_key(data_cfg):
-        raise ValueError(
-            f"data.output_dir: {data_dir} holds data prepared with another data config "
-            f"(key {manifest.get('data_key')}, this config: {data_key(data_cfg)}; its config is in "
-            f"{tio.join(data_dir, 'manifest.json')}); point data.output_dir elsewhere or remove it")
-    elif _stale(manifest, data_cfg, data_dir, log, resuming):
-        manifest = prepare(data_cfg, data_dir, log=log)
-    return data_dir, manifest
-
-
-def _stale(manifest: Dict, data_cfg, data_dir: str, log, resuming: Optional[str] = None) -> bool:
-    """Whether the inputs changed since ``data_dir`` was prepared (then it is prepared again:
-    a run never trains on shards of files that are no longer what they were). A run that
-    resumes is refused instead: its checkpoint's data cursor points into the old shards."""
-    from tidal.data import DataError
-    from tidal.data.inputs import changed_inputs
-
-    stale = changed_inputs(manifest, data_cfg)
-    if stale and resuming:
-        raise DataError(f"the inputs of {data_dir} changed since it was prepared, and this run "
-                        f"resumes from {resuming}, trained on the old data: restore the inputs, or "
-                        "start a new run (another run.name) on the new data:\n  " + "\n  ".join(stale[:10]))
-    if stale:
-        log(f"the inputs of {data_dir} changed since it was prepared; preparing it again:\n  "
-            + "\n  ".join(stale[:10]) + (f"\n  (+{len(stale) - 10} more)" if len(stale) > 10 else ""))
-    return bool(stale)
 
 
 def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
@@ -247,72 +211,20 @@ def scaling_config(cfg: PretrainConfig, use_gpu: bool, **extra):
     return ray.train.ScalingConfig(**kw)
 
 
-def ensure_post_data(cfg, root: str, kind: str, log=print,
-                     resuming: Optional[str] = None) -> tuple[str, Dict]:
-    """SFT (``kind="sft"``) or preference-pair (``"pairs"``) shards for ``cfg.data``,
-    tokenized with ``cfg.model.pretrained``'s tokenizer and chat template."""
-    from tidal.data import pairs as pair_data
-    from tidal.data import sft as sft_data
-    from tidal.data.tokenizer import tokenizer_hash
+def run_stage(stage, cfg, log=print, on_record: Optional[Callable[[Dict], None]] = None,
+              cancel: Optional[threading.Event] = None) -> Dict:
+    """Train ``cfg`` as ``stage`` (a ``tidal.stages.Stage`` or its name) on Ray Train and
+    return the run summary. ``on_record`` sees every step record and event as the driver
+    receives it (a sweep trial forwards them to Ray Tune); setting ``cancel`` ends the run
+    cleanly at the next step (its workers and their resources are released). The run's
+    lease is held throughout: a second driver on the same run name is refused before any
+    Ray work."""
+    from tidal import stages
 
-    mod, prep = (sft_data, sft_data.prepare_sft) if kind == "sft" else (pair_data, pair_data.prepare_pairs)
-    tok_src = cfg.model.pretrained
-    key = f"{mod.data_key(cfg.data)}-{tokenizer_hash(tok_src)[:8]}"
-    data_dir = cfg.data.output_dir or tio.join(root, "data", f"{cfg.data.name}-{key}")
-    manifest = load_manifest(data_dir)
-    if manifest is None:
-        log(f"no prepared {kind} data at {data_dir}: preparing '{cfg.data.name}'")
-        manifest = prep(cfg.data, tok_src, data_dir, log)
-    elif manifest.get("data_key") != mod.data_key(cfg.data) or manifest.get("kind") != kind:
-        raise ValueError(f"data.output_dir: {data_dir} holds data prepared with another config")
-    elif _stale(manifest, cfg.data, data_dir, log, resuming):
-        manifest = prep(cfg.data, tok_src, data_dir, log)
-    return data_dir, manifest
-
-
-def ensure_job_data(cfg, storage: str, objective: str, log=print,
-                    resuming: Optional[str] = None) -> tuple[str, Dict]:
-    """The prepared data an objective trains on: a pretraining corpus, SFT rows or pairs."""
-    if objective == "lm":
-        return ensure_data(cfg.data, storage, log, resuming)
-    return ensure_post_data(cfg, storage, "sft" if objective == "sft" else "pairs", log, resuming)
-
-
-def run_pretrain(cfg: PretrainConfig, log=print) -> Dict:
-    """Pretrain ``cfg`` on Ray Train and return the run summary."""
-    return run_training(cfg, log, objective="lm")
-
-
-def run_sft(cfg, log=print) -> Dict:
-    """Supervised fine-tuning: the same engine and loop with the SFT objective and data."""
-    return _post(cfg, log, "sft")
-
-
-def run_reward(cfg, log=print) -> Dict:
-    """Reward model: a scalar head on the pretrained network, Bradley-Terry on pairs."""
-    return _post(cfg, log, "reward")
-
-
-def run_dpo(cfg, log=print) -> Dict:
-    """DPO against the frozen starting model."""
-    return _post(cfg, log, "dpo")
-
-
-def _post(cfg, log, objective: str) -> Dict:
-    if not cfg.model.pretrained:
-        raise ValueError(f"model.pretrained: {objective} starts from an HF model directory (e.g. "
+    stage = stages.get(stage)
+    if stage.needs_pretrained and not cfg.model.pretrained:
+        raise ValueError(f"model.pretrained: {stage.name} starts from an HF model directory (e.g. "
                          "a pretraining or SFT run's hf/ export)")
-    return run_training(cfg, log, objective=objective)
-
-
-def run_training(cfg, log=print, objective: str = "lm",
-                 on_record: Optional[Callable[[Dict], None]] = None,
-                 cancel: Optional[threading.Event] = None) -> Dict:
-    """Train ``cfg`` on Ray Train with ``objective`` and return the run summary.
-    ``on_record`` sees every step record and event as the driver receives it (a sweep
-    trial forwards them to Ray Tune); setting ``cancel`` ends the run cleanly at the next
-    step (its workers and their resources are released). The run's lease is held
-    throughout: a second driver on the same run name is refused before any Ray work."""
     cfg = absolute_paths(cfg)
     storage = cfg.run.storage_path or cfg.run.output_dir
     run_storage = tio.join(storage, cfg.run.name)
@@ -321,7 +233,7 @@ def run_training(cfg, log=print, objective: str = "lm",
     lease = run_lease.acquire(run_storage, cfg.run.name, cfg.run.lease_stale_s, cfg.run.take_over,
                               log, on_lost=lambda holder: cancel.set())
     try:
-        summary = _run(cfg, log, objective, on_record, cancel, run_storage, export_dir, adapter_dir)
+        summary = _run(cfg, log, stage, on_record, cancel, run_storage, export_dir, adapter_dir)
     finally:
         run_lease.release(lease)
     if lease.lost.is_set():
@@ -345,7 +257,7 @@ def _export_dirs(cfg, storage: str) -> tuple:
     return export_dir, adapter_dir
 
 
-def _run(cfg, log, objective: str, on_record, cancel: threading.Event, run_storage: str,
+def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
          export_dir: Optional[str], adapter_dir: Optional[str]) -> Dict:
     import ray
     import ray.train
@@ -364,7 +276,7 @@ def _run(cfg, log, objective: str, on_record, cancel: threading.Event, run_stora
     ensure_placeable(cfg, use_gpu, log)
     # Prepared data sits beside the checkpoints, so that every node reaches it when the
     # storage is shared (s3://, gs://, NFS).
-    data_dir, manifest = ensure_job_data(cfg, storage, objective, log, resuming=resume)
+    data_dir, manifest = stage.prepare_data(cfg, storage, log, resuming=resume)
     run_dir = os.path.join(root, cfg.run.name)
     os.makedirs(run_dir, exist_ok=True)
     config = redact(to_dict(cfg))  # every persisted copy: no credentials
@@ -376,9 +288,9 @@ def _run(cfg, log, objective: str, on_record, cancel: threading.Event, run_stora
         train_loop_config={"cfg": cfg, "data_dir": data_dir, "hub": hub, "use_gpu": use_gpu,
                            "export_dir": export_dir, "adapter_dir": adapter_dir,
                            "manifest_hash": manifest_hash(manifest),
-                           "run_storage": run_storage, "objective": objective,
+                           "run_storage": run_storage, "stage": stage.name,
                            "signed": integrity.signing_key() is not None,
-                           "reference_digest": _reference_digest(cfg, objective)},
+                           "reference_digest": _reference_digest(cfg, stage.name)},
         scaling_config=scaling_config(cfg, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -428,10 +340,10 @@ def _run(cfg, log, objective: str, on_record, cancel: threading.Event, run_stora
     return summary
 
 
-def _reference_digest(cfg, objective: str) -> Optional[str]:
+def _reference_digest(cfg, stage: str) -> Optional[str]:
     """DPO's precomputed reference is keyed by the reference weights' content, not only
     their path: a model re-exported in place is never matched with stale log-probs."""
-    if objective != "dpo" or cfg.dpo.reference != "precompute" or not cfg.model.pretrained:
+    if stage != "dpo" or cfg.dpo.reference != "precompute" or not cfg.model.pretrained:
         return None
     import hashlib
     import json

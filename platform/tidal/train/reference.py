@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from tidal.config import to_dict
 from tidal.data import io as tio
+from tidal.objectives.batch import to_batch
 from tidal.parallel import collectives as C
 
 META = "meta.json"
@@ -40,10 +41,10 @@ class ReferenceTable:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def lookup(self, batch: torch.Tensor) -> torch.Tensor:
-        """``[B, 4]`` float64 for a batch of pair samples (``[B, 4, L]``)."""
+    def lookup(self, samples: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``[B, 4]`` float64 for pair samples ``[B, 4, L]`` (as prepared)."""
         out = []
-        for row in batch.cpu().numpy():
+        for row in samples:
             if not row.any():  # a zero-weight padding sample (a rank without val samples)
                 out.append((0.0, 0.0, 0.0, 0.0))
                 continue
@@ -52,7 +53,7 @@ class ReferenceTable:
                 raise KeyError("a pair sample is missing from the precomputed reference "
                                "log-probs (the data changed after they were computed?)")
             out.append(hit)
-        return torch.tensor(out, dtype=torch.float64, device=batch.device)
+        return torch.tensor(out, dtype=torch.float64, device=device)
 
 
 def _split_batches(samples, rank: int, world: int, micro: int) -> Tuple[Iterator, int]:
@@ -80,8 +81,7 @@ def compute(reference, loader, rank: int, world: int, micro: int, device: torch.
             real = mb is not None
             mb = mb if real else (last if last is not None else split.take(np.array([0])))
             last = mb
-            t = torch.from_numpy(mb).to(device)
-            sums, counts = logps_fn(reference, t)
+            sums, counts = logps_fn(reference, to_batch("pairs", mb, device))
             if real:
                 for row, s, c in zip(mb, sums.tolist(), counts.tolist()):
                     mine.append((sample_key(row), (s[0], s[1], c[0], c[1])))
@@ -118,7 +118,7 @@ def load(root: str, meta: Dict) -> Optional[Dict]:
 def build_reference(cfg, engine, manifest):
     """The frozen starting model (DPO's reference), sharded like the policy, no gradients.
     With LoRA it is the policy's own base with the adapters switched off."""
-    if engine.extra.get("lora"):
+    if engine.lora:
         from tidal.models.lora import AdaptersOff
 
         return AdaptersOff(engine.model)
@@ -130,7 +130,7 @@ def build_reference(cfg, engine, manifest):
     ref = build_model(cfg.model, tk["vocab_size"], tk["eos_token_id"], tk["pad_token_id"], cfg.train.seed)
     ref.to(engine.device)
     ref.requires_grad_(False)
-    apply_fsdp(ref, make_mesh(engine.device.type, engine.world), engine.extra["precision"])
+    apply_fsdp(ref, make_mesh(engine.device.type, engine.world), engine.precision)
     return ref.eval()
 
 

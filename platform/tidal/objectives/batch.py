@@ -1,0 +1,61 @@
+"""The micro-batch every objective reads: a mapping of named tensors.
+
+Prepared samples are int64 arrays whose layout depends on the data kind; :func:`to_batch`
+turns them into the same named fields for every stage:
+
+- ``input_ids`` ``[N, L]``: the tokens the model reads;
+- ``targets`` ``[N, L]``: the token each position predicts (``IGNORE`` where none counts);
+- ``loss_mask`` ``[N, L]`` bool: ``targets != IGNORE``;
+- ``position_ids`` ``[N, L]`` (packed SFT and pairs): restart at each packed example, so
+  attention stays inside it;
+- float fields a stage adds: ``ref_logps`` ``[B, 4]`` (a precomputed DPO reference: summed
+  log-probs of chosen and rejected, and their token counts); later advantages, old
+  log-probs.
+
+Pair data stacks both sides, chosen first: rows ``0..B-1`` are the chosen replies and rows
+``B..2B-1`` the rejected ones (``pairs`` = B).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple, Union
+
+import numpy as np
+import torch
+
+from tidal.objectives.logprobs import IGNORE
+
+Batch = Dict[str, torch.Tensor]
+# An objective's statistics: name -> (sum, count) on this rank; the engine adds both up
+# over micro-batches and ranks and reports sum / count.
+Stats = Dict[str, Tuple[Union[torch.Tensor, float], Union[torch.Tensor, float]]]
+
+KINDS = ("lm", "sft", "pairs")
+
+
+def _shift(labels: torch.Tensor) -> torch.Tensor:
+    pad = labels.new_full((labels.shape[0], 1), IGNORE)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def to_batch(kind: str, samples: np.ndarray, device: torch.device) -> Batch:
+    """Named tensors for ``samples`` of data kind ``kind`` (see the module docstring):
+    ``lm`` rows are ``seq_len + 1`` packed tokens; ``sft`` rows are ``[3, L]`` (ids, labels,
+    positions); ``pairs`` rows are ``[4, L]`` (chosen ids and labels, rejected ids and
+    labels)."""
+    t = torch.from_numpy(np.ascontiguousarray(samples)).to(device, non_blocking=True)
+    if kind == "lm":
+        batch = {"input_ids": t[:, :-1], "targets": t[:, 1:]}
+    elif kind == "sft":
+        batch = {"input_ids": t[:, 0], "targets": _shift(t[:, 1]), "position_ids": t[:, 2]}
+    elif kind == "pairs":
+        batch = {"input_ids": torch.cat([t[:, 0], t[:, 2]]),
+                 "targets": _shift(torch.cat([t[:, 1], t[:, 3]])),
+                 "pairs": torch.tensor(t.shape[0])}
+    else:
+        raise ValueError(f"unknown data kind '{kind}'; allowed: {', '.join(KINDS)}")
+    batch["loss_mask"] = batch["targets"] != IGNORE
+    return batch
+
+
+def scaled(stats: Stats, factor: float) -> Stats:
+    return {k: (s * factor, c * factor) for k, (s, c) in stats.items()}
