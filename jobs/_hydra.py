@@ -37,7 +37,7 @@ def _mutable_twin(cls: type, cache: dict) -> type:
     hints = typing.get_type_hints(cls)
     fields = []
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
+        tp = _plain(hints[f.name])
         args = typing.get_args(tp)
         if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
             tp = typing.List[_mutable_twin(args[0], cache)]  # e.g. data.mixture entries
@@ -53,6 +53,17 @@ def _mutable_twin(cls: type, cache: dict) -> type:
             fields.append((f.name, tp, dataclasses.field(default=f.default)))
     cache[cls] = dataclasses.make_dataclass(cls.__name__, fields)
     return cache[cls]
+
+
+def _plain(tp):
+    """Literal choices as ``str`` (or ``Optional[str]``) for OmegaConf, which has no Literal
+    type; ``from_dict`` checks the choice afterwards, naming what is allowed."""
+    if typing.get_origin(tp) is typing.Literal:
+        return type(typing.get_args(tp)[0])
+    if typing.get_origin(tp) is typing.Union:
+        args = [_plain(a) for a in typing.get_args(tp)]
+        return typing.Optional[args[0]] if type(None) in args and len(args) == 2 else tp
+    return tp
 
 
 def _instantiate(twin: type, values: dict):

@@ -22,6 +22,7 @@ def out(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
+@pytest.mark.slow  # 1.5 minutes: the full suite runs it; -m 'not slow' keeps an inner loop
 def test_two_workers_learn_and_export_loads_and_generates(ray_local, out):
     cfg = small_cfg(out, run={"name": "learn"}, logger={"wandb": True, "wandb_mode": "offline"},
                     train={"max_steps": 60, "global_batch_tokens": 4096, "eval_every": 20,

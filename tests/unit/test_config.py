@@ -83,10 +83,14 @@ def test_missing_data_path_and_tokenizer():
 
 
 def test_unknown_schedule_optimizer_and_choices_list_allowed_values():
-    probs = _problems(schedule__name="cosinus", optim__name="lion", scaling__precision="fp8")
+    probs = _problems(schedule__name="cosinus", optim__name="lion")
     assert any(p.startswith("schedule.name: 'cosinus' is not one of") and "wsd" in p for p in probs)
     assert any(p.startswith("optim.name: 'lion' is not one of adamw") for p in probs)
-    assert "scaling.precision: 'fp8' is not one of auto, fp32, bf16" in probs
+    # a choice is a Literal type: the converter names what the schema allows
+    with pytest.raises(ConfigError) as err:
+        _cfg(scaling__precision="fp8", model__arch="gpt2")
+    assert err.value.problems == ["model.arch: 'gpt2' is not one of llama, qwen2, mistral",
+                                  "scaling.precision: 'fp8' is not one of auto, fp32, bf16"]
 
 
 def test_all_problems_reported_together():

@@ -68,7 +68,7 @@ def test_credentials_are_refused_and_redacted():
                                            "data": {"sources": ["https://host/x?X-Amz-Signature=abc&part=1",
                                                                 "embedded:pydocs"]}}))
     problems = credential_problems(d)
-    assert [p.split(":")[0] for p in problems] == ["data.sources[0]", "run.storage_path"]
+    assert sorted(p.split(":")[0] for p in problems) == ["data.sources[0]", "run.storage_path"]
     safe = redact(d)
     blob = json.dumps(safe)
     assert "s3cr3t" not in blob and "AKIA123" not in blob and "abc" not in blob

@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         inner = " or ".join(_type_name(a) for a in args)
@@ -44,6 +46,12 @@ def _convert(tp: Any, value: Any, path: str, problems: List[str]) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(inner, value, path, problems)
+    if origin is typing.Literal:  # a choice: the schema lists what is allowed
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            problems.append(f"{path}: '{value}' is not one of {', '.join(map(str, allowed))}")
+            return None
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{path}: expected a section ({tp.__name__}), got {value!r}")

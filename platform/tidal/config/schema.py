@@ -4,13 +4,14 @@ Every job's configuration is a tree of these dataclasses. Jobs compose YAML with
 turn the result into these objects with :func:`tidal.config.from_dict`, which checks keys,
 types and ranges; the library and Ray workers only ever see the frozen objects.
 
-Defaults here describe the CPU "tiny" preset so that a bare ``PretrainConfig()`` is a
-runnable configuration; the YAML presets in ``conf/`` override them.
+These defaults are the only ones: they are what ``python jobs/<stage>.py`` runs with no
+overrides (the CPU "tiny" preset), and a conf file sets only what its choice changes (a
+bigger model, another schedule). Choices are ``Literal`` types, checked by the converter.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Literal, Optional, Tuple
 
 
 def worker_bounds(workers: Any) -> Tuple[int, int]:
@@ -46,13 +47,13 @@ class ModelConfig:
     """A causal LM, built from an architecture config or loaded from a local HF directory."""
 
     name: str = "tiny"
-    arch: str = "llama"  # llama | qwen2 | mistral
+    arch: Literal["llama", "qwen2", "mistral"] = "llama"
     pretrained: Optional[str] = None  # local HF checkpoint directory; overrides the shape below
-    hidden_size: int = 256
+    hidden_size: int = 192  # the tiny preset: ~3M parameters with a 4k vocabulary
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 4
-    intermediate_size: int = 688
+    intermediate_size: int = 512
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
@@ -140,9 +141,9 @@ class SourceConfig:
 
     name: str = "source"
     sources: List[str] = field(default_factory=list)
-    format: str = "auto"
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"
-    text_unit: str = "paragraph"
+    text_unit: Literal["file", "paragraph", "line"] = "paragraph"
     weight: float = 1.0  # share of training tokens, relative to the other sources
 
 
@@ -154,9 +155,9 @@ class DataConfig:
     # "embedded:pydocs" (text shipped with Python), or local paths / globs / directories,
     # or s3:// and gs:// URIs.
     sources: List[str] = field(default_factory=lambda: ["embedded:pydocs"])
-    format: str = "auto"  # auto | text | jsonl | parquet
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"
-    text_unit: str = "paragraph"  # for plain text: file | paragraph | line
+    text_unit: Literal["file", "paragraph", "line"] = "paragraph"  # how plain text splits into documents
     min_chars: int = 1
     seq_len: int = 256
     val_fraction: float = 0.05
@@ -170,14 +171,14 @@ class DataConfig:
     # options above are not used. downsample: no document repeats, the largest mixture the
     # data allows; upsample: sources below their share are repeated, nothing is left out.
     mixture: List[SourceConfig] = field(default_factory=list)
-    mixture_mode: str = "downsample"
+    mixture_mode: Literal["downsample", "upsample"] = "downsample"
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 2e-3
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -205,7 +206,7 @@ class ScalingConfig:
     workers: Any = 2
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     cpus_per_worker: int = 1
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
     max_failures: int = 3  # Ray Train FailureConfig retries after a lost worker; -1: forever
     same_step_failures: int = 2  # stop (with a report) when this many attempts in a row die at one step; 0: never
@@ -220,7 +221,7 @@ class ScalingConfig:
 @dataclass(frozen=True)
 class LoggerConfig:
     wandb: bool = True
-    wandb_mode: str = "auto"  # auto (online only with an API key) | offline | online | disabled
+    wandb_mode: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online only with an API key
     project: str = "tidal"
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
@@ -245,10 +246,10 @@ class GuardConfig:
 class TrainConfig:
     max_steps: int = 200  # the schedule's length
     stop_at_step: Optional[int] = None  # stop early (with a checkpoint), schedule unchanged
-    global_batch_tokens: int = 16384
+    global_batch_tokens: int = 8192
     micro_batch_size: int = 8  # sequences per worker per forward/backward
     eval_every: int = 50
-    eval_batches: int = 4
+    eval_batches: int = 2
     log_every: int = 1
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -277,15 +278,41 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class StageConfig:
+    """The sections every training stage shares; a stage adds its data (and its own
+    parameters, e.g. ``dpo``) and may change a default."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass(frozen=True)
+class PretrainConfig(StageConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# What the post-training stages change (they start from a trained model): a smaller
+# learning rate without weight decay, a short warmup, a short run.
+def _post_optim(lr: float):
+    return field(default_factory=lambda: OptimConfig(lr=lr, weight_decay=0.0))
+
+
+def _post_schedule():
+    return field(default_factory=lambda: ScheduleConfig(warmup_steps=6))
+
+
+def _post_train(micro_batch_size: int):
+    return field(default_factory=lambda: TrainConfig(max_steps=60, micro_batch_size=micro_batch_size,
+                                                      eval_every=20, checkpoint_every=30))
+
+
+def _named_run(name: str):
+    return field(default_factory=lambda: RunConfig(name=name))
 
 
 @dataclass(frozen=True)
@@ -306,21 +333,17 @@ class SFTDataConfig:
 
 
 @dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(StageConfig):
     """Supervised fine-tuning on the pretraining engine: same model, optimizer, schedule,
-    scaling, checkpoints and fault tolerance; another objective and data source."""
+    scaling, checkpoints and fault tolerance; another objective and data source.
+    ``model.pretrained``: an HF directory (e.g. a pretraining run's hf/ export); empty means
+    the main pretraining job's newest export, pretraining one first if there is none."""
 
-    # model.pretrained: an HF directory (e.g. a pretraining run's hf/ export); empty means
-    # the main pretraining job's export (outputs/pretrain/hf), pretraining it first if absent
-    model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=6))
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=60, global_batch_tokens=8192, micro_batch_size=8, eval_every=20, checkpoint_every=30))
-    run: RunConfig = field(default_factory=lambda: RunConfig(name="sft"))
+    optim: OptimConfig = _post_optim(3e-4)
+    schedule: ScheduleConfig = _post_schedule()
+    train: TrainConfig = _post_train(8)
+    run: RunConfig = _named_run("sft")
 
 
 @dataclass(frozen=True)
@@ -342,44 +365,36 @@ class PairDataConfig:
 @dataclass(frozen=True)
 class DPOParams:
     beta: float = 0.1
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | cdpo (conservative: label_smoothing flipped labels)
+    loss: Literal["sigmoid", "ipo", "cdpo"] = "sigmoid"  # cdpo: conservative, label_smoothing flipped labels
     label_smoothing: float = 0.1  # cdpo: the assumed share of flipped labels
     # batch: the reference's log-probs per batch, without gradients (a frozen copy of the
     # starting model, or with LoRA the base with adapters off: no second copy);
     # precompute: one pass over the pairs before training, cached in the run directory, and
     # no reference model in memory while training (the KL is then a per-sequence k1 estimate)
-    reference: str = "batch"
+    reference: Literal["batch", "precompute"] = "batch"
 
 
 @dataclass(frozen=True)
-class RewardConfig:
+class RewardConfig(StageConfig):
     """Reward model: a scalar head on the causal LM, Bradley-Terry loss on pairs."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
     data: PairDataConfig = field(default_factory=PairDataConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0))
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=6))
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=60, global_batch_tokens=8192, micro_batch_size=4, eval_every=20, checkpoint_every=30))
-    run: RunConfig = field(default_factory=lambda: RunConfig(name="reward"))
+    optim: OptimConfig = _post_optim(1e-4)
+    schedule: ScheduleConfig = _post_schedule()
+    train: TrainConfig = _post_train(4)
+    run: RunConfig = _named_run("reward")
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(StageConfig):
     """Direct preference optimization against a frozen reference (the starting model)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
     data: PairDataConfig = field(default_factory=PairDataConfig)
     dpo: DPOParams = field(default_factory=DPOParams)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0))
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=6))
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=60, global_batch_tokens=8192, micro_batch_size=4, eval_every=20, checkpoint_every=30))
-    run: RunConfig = field(default_factory=lambda: RunConfig(name="dpo"))
+    optim: OptimConfig = _post_optim(5e-5)
+    schedule: ScheduleConfig = _post_schedule()
+    train: TrainConfig = _post_train(4)
+    run: RunConfig = _named_run("dpo")
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,6 @@ from tidal.config.schema import (DataConfig, ExportConfig, PairDataConfig, Prepa
 from tidal.data.io import CLOUD_PREFIXES as _CLOUD
 from tidal.train.faults import parse as parse_faults
 
-ALLOWED = {
-    "model.arch": ("llama", "qwen2", "mistral"),
-    "data.format": ("auto", "text", "jsonl", "parquet"),
-    "data.text_unit": ("file", "paragraph", "line"),
-    "scaling.precision": ("auto", "fp32", "bf16"),
-    "logger.wandb_mode": ("auto", "offline", "online", "disabled"),
-}
-
-
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -37,11 +28,6 @@ def check_credentials(problems: List[str], cfg) -> None:
     from tidal.config.redact import credential_problems
 
     problems.extend(credential_problems(to_dict(cfg)))
-
-
-def _choice(problems: List[str], key: str, value: str) -> None:
-    if value not in ALLOWED[key]:
-        problems.append(f"{key}: '{value}' is not one of {', '.join(ALLOWED[key])}")
 
 
 def _check(problems: List[str], ok: bool, key: str, rule: str, value) -> None:
@@ -174,11 +160,6 @@ def check_data(d: DataConfig, problems: List[str]) -> None:
         key = f"data.mixture[{j}]"
         _check_sources(m.sources, f"{key}.sources", problems)
         _check(problems, m.weight > 0, f"{key}.weight", "> 0", m.weight)
-        if m.text_unit not in ALLOWED["data.text_unit"]:
-            problems.append(f"{key}.text_unit: '{m.text_unit}' is not one of "
-                            f"{', '.join(ALLOWED['data.text_unit'])}")
-        if m.format not in ALLOWED["data.format"]:
-            problems.append(f"{key}.format: '{m.format}' is not one of {', '.join(ALLOWED['data.format'])}")
         if names.count(m.name) > 1:
             problems.append(f"{key}.name: '{m.name}' is used by more than one source")
         check_name(problems, f"{key}.name", m.name)
@@ -188,10 +169,6 @@ def check_data(d: DataConfig, problems: List[str]) -> None:
         problems.append(f"data.curriculum.score: '{d.curriculum.score}' is not one of "
                         f"{', '.join(sorted(SCORERS))} (or null)")
     _check(problems, d.curriculum.epochs >= 1, "data.curriculum.epochs", ">= 1", d.curriculum.epochs)
-    if d.mixture_mode not in ("downsample", "upsample"):
-        problems.append(f"data.mixture_mode: '{d.mixture_mode}' is not one of downsample, upsample")
-    _choice(problems, "data.format", d.format)
-    _choice(problems, "data.text_unit", d.text_unit)
     _check(problems, d.seq_len >= 8, "data.seq_len", ">= 8", d.seq_len)
     _check(problems, 0.0 < d.val_fraction <= 0.5, "data.val_fraction", "in (0, 0.5]", d.val_fraction)
     _check(problems, d.shard_samples >= 1, "data.shard_samples", ">= 1", d.shard_samples)
@@ -249,11 +226,7 @@ def validate_pairs(cfg):
     dpo = getattr(cfg, "dpo", None)
     if dpo is not None:
         _check(p, dpo.beta > 0, "dpo.beta", "> 0", dpo.beta)
-        if dpo.loss not in ("sigmoid", "ipo", "cdpo"):
-            p.append(f"dpo.loss: '{dpo.loss}' is not one of sigmoid, ipo, cdpo")
         _check(p, 0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)", dpo.label_smoothing)
-        if dpo.reference not in ("batch", "precompute"):
-            p.append(f"dpo.reference: '{dpo.reference}' is not one of batch, precompute")
     try:
         validate_pretrain(cfg)
     except ConfigError as e:
@@ -274,7 +247,6 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
 
     p: List[str] = []
     m, o, s, sc, t, r = cfg.model, cfg.optim, cfg.schedule, cfg.scaling, cfg.train, cfg.run
-    _choice(p, "model.arch", m.arch)
     lo = m.lora
     _check(p, lo.rank >= 0, "model.lora.rank", ">= 0 (0: off)", lo.rank)
     if lo.rank:
@@ -366,8 +338,6 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
                      f"least {kills} (or -1) so the drill can recover")
     _check(p, sc.cpus_per_worker >= 1, "scaling.cpus_per_worker", ">= 1", sc.cpus_per_worker)
     _check(p, sc.max_failures >= -1, "scaling.max_failures", ">= -1 (-1: retry forever)", sc.max_failures)
-    _choice(p, "scaling.precision", sc.precision)
-    _choice(p, "logger.wandb_mode", cfg.logger.wandb_mode)
     _check(p, cfg.logger.progress_every >= 1, "logger.progress_every", ">= 1", cfg.logger.progress_every)
     _check(p, sc.start_timeout_s >= 0, "scaling.start_timeout_s", ">= 0 (0: fail at once when the "
            "workers cannot be placed now)", sc.start_timeout_s)
