@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from tidal.config import DPOConfig, PretrainConfig, RewardConfig, SFTConfig
-from tidal.config.validate import validate_pairs, validate_pretrain, validate_sft
+from tidal.config.validate import validate_dpo, validate_pretrain, validate_reward, validate_sft
 from tidal.registry import Registry
 
 
@@ -64,5 +64,5 @@ def _objectives():
 _LM, _SFT, _REWARD, _DPO = _objectives()
 register(Stage("pretrain", "pretraining finished", PretrainConfig, validate_pretrain, _LM, False))
 register(Stage("sft", "SFT finished", SFTConfig, validate_sft, _SFT, True))
-register(Stage("reward", "reward model finished", RewardConfig, validate_pairs, _REWARD, True))
-register(Stage("dpo", "DPO finished", DPOConfig, validate_pairs, _DPO, True))
+register(Stage("reward", "reward model finished", RewardConfig, validate_reward, _REWARD, True))
+register(Stage("dpo", "DPO finished", DPOConfig, validate_dpo, _DPO, True))

@@ -6,7 +6,8 @@ import pytest
 
 from tests.conftest import SHARED_DATA
 from tests.integration.conftest import _merge, events, needs_shakespeare, records, small_cfg
-from tidal.config import DPOConfig, RewardConfig, from_dict, to_dict, validate_pairs
+from tidal import stages
+from tidal.config import DPOConfig, RewardConfig, from_dict, to_dict
 from tidal.train.launch import run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
@@ -35,7 +36,8 @@ def pair_cfg(cls, out, base, **upd):
                          "deterministic": True},
                "run": {"output_dir": str(out)}})
     _merge(d, upd)
-    return validate_pairs(from_dict(cls, d))
+    stage = stages.get("dpo" if cls is DPOConfig else "reward")
+    return stage.validate(from_dict(cls, d))
 
 
 @pytest.fixture(scope="module")

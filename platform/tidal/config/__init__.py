@@ -26,14 +26,15 @@ from tidal.config.schema import (
     TrainConfig,
     TrialSchedulerConfig,
 )
-from tidal.config.validate import validate_export, validate_prepare, validate_eval, validate_pairs, validate_pretrain, validate_sft
+from tidal.config.validate import (validate_dpo, validate_eval, validate_export, validate_prepare, validate_pretrain,
+                                   validate_reward, validate_sft)
 
 __all__ = [
     "ConfigError", "allowed_keys", "fingerprint", "from_dict", "to_dict",
     "DataConfig", "ExportConfig", "LoggerConfig", "LoRAConfig", "ModelConfig", "OptimConfig", "PrepareConfig",
     "PretrainConfig", "RunConfig", "ScalingConfig", "ScheduleConfig", "TokenizerConfig",
     "SFTConfig", "SFTDataConfig", "TrainConfig", "validate_export", "validate_prepare",
-    "validate_pretrain", "validate_sft", "validate_pairs", "DPOConfig", "DPOParams",
+    "validate_pretrain", "validate_sft", "validate_reward", "validate_dpo", "DPOConfig", "DPOParams",
     "PairDataConfig", "RewardConfig", "EvalConfig", "validate_eval", "SearchConfig", "SearchParam",
     "SweepConfig", "TrialSchedulerConfig",
 ]

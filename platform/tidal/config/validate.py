@@ -8,8 +8,7 @@ import re
 from typing import List
 
 from tidal.config.convert import ConfigError
-from tidal.config.schema import (DataConfig, ExportConfig, PairDataConfig, PrepareConfig, PretrainConfig,
-                                 RewardConfig, worker_bounds)
+from tidal.config.schema import DataConfig, ExportConfig, PrepareConfig, PretrainConfig, worker_bounds
 from tidal.data.io import CLOUD_PREFIXES as _CLOUD
 from tidal.train.faults import parse as parse_faults
 
@@ -220,32 +219,55 @@ def check_post_data(d, p: List[str], embedded: str) -> None:
         _check(p, d.limit >= 2, "data.limit", ">= 2 or null", d.limit)
 
 
-def validate_pairs(cfg):
-    """Reward-model and DPO configs: pretraining's checks, pair data, DPO's parameters."""
-    p: List[str] = []
-    dpo = getattr(cfg, "dpo", None)
-    if dpo is not None:
-        _check(p, dpo.beta > 0, "dpo.beta", "> 0", dpo.beta)
-        _check(p, 0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)", dpo.label_smoothing)
-    try:
-        validate_pretrain(cfg)
-    except ConfigError as e:
-        p = e.problems + p
-    if p:
-        raise ConfigError(p)
+def _done(cfg, problems: List[str]):
+    if problems:
+        raise ConfigError(problems)
     return cfg
 
 
-def validate_sft(cfg):
-    """The same checks as pretraining, with instruction data instead of a corpus."""
-    return validate_pretrain(cfg)
-
-
 def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
-    """Raise ConfigError listing every out-of-range or inconsistent value; else return cfg."""
+    """Pretraining: the sections every stage shares and the corpus; LoRA needs a
+    pretrained model to adapt. Raises ConfigError listing every problem; else returns cfg."""
+    p: List[str] = []
+    if cfg.model.lora.rank and not cfg.model.pretrained:
+        p.append("model.lora.rank: LoRA adapts a pretrained model; set model.pretrained to an "
+                 "HF directory (or use model.lora.rank=0)")
+    check_data(cfg.data, p)
+    return _done(cfg, validate_common(cfg, p))
+
+
+def validate_sft(cfg):
+    """SFT: the shared sections and instruction data."""
+    p: List[str] = []
+    check_post_data(cfg.data, p, "embedded:pydocs_instruct")
+    return _done(cfg, validate_common(cfg, p))
+
+
+def validate_reward(cfg):
+    """Reward model: the shared sections and preference pairs; all weights train (no LoRA)."""
+    p: List[str] = []
+    if cfg.model.lora.rank:
+        p.append("model.lora.rank: the reward job trains all weights; LoRA is for sft and dpo "
+                 "(use model.lora.rank=0)")
+    check_post_data(cfg.data, p, "embedded:pydocs_prefs")
+    return _done(cfg, validate_common(cfg, p))
+
+
+def validate_dpo(cfg):
+    """DPO: the shared sections, preference pairs and DPO's parameters."""
+    p: List[str] = []
+    dpo = cfg.dpo
+    _check(p, dpo.beta > 0, "dpo.beta", "> 0", dpo.beta)
+    _check(p, 0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)", dpo.label_smoothing)
+    check_post_data(cfg.data, p, "embedded:pydocs_prefs")
+    return _done(cfg, validate_common(cfg, p))
+
+
+def validate_common(cfg, p: List[str]) -> List[str]:
+    """Every out-of-range or inconsistent value in the sections all training stages share
+    (model, optim, schedule, scaling, logger, train, run), added to ``p``."""
     from tidal.optim import OPTIMIZERS, SCHEDULES
 
-    p: List[str] = []
     m, o, s, sc, t, r = cfg.model, cfg.optim, cfg.schedule, cfg.scaling, cfg.train, cfg.run
     lo = m.lora
     _check(p, lo.rank >= 0, "model.lora.rank", ">= 0 (0: off)", lo.rank)
@@ -255,12 +277,6 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         if not lo.target_modules:
             p.append("model.lora.target_modules: empty; give module names (e.g. [q_proj, v_proj]) "
                      "or [all-linear]")
-        if isinstance(cfg, PretrainConfig) and not m.pretrained:
-            p.append("model.lora.rank: LoRA adapts a pretrained model; set model.pretrained to an "
-                     "HF directory (or use model.lora.rank=0)")
-        if isinstance(cfg, RewardConfig):
-            p.append("model.lora.rank: the reward job trains all weights; LoRA is for sft and dpo "
-                     "(use model.lora.rank=0)")
     if m.pretrained is not None:
         check_pretrained(cfg, p)
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
@@ -275,12 +291,6 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
         p.append(f"model.num_heads: {m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
     _check(p, m.max_position_embeddings >= cfg.data.seq_len, "model.max_position_embeddings",
            f">= data.seq_len ({cfg.data.seq_len})", m.max_position_embeddings)
-    if isinstance(cfg.data, DataConfig):
-        check_data(cfg.data, p)
-    elif isinstance(cfg.data, PairDataConfig):
-        check_post_data(cfg.data, p, "embedded:pydocs_prefs")
-    else:
-        check_post_data(cfg.data, p, "embedded:pydocs_instruct")
 
     if o.name not in OPTIMIZERS:
         p.append(f"optim.name: '{o.name}' is not one of {', '.join(sorted(OPTIMIZERS))}")
@@ -381,9 +391,7 @@ def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
                          f"allowed: a multiple of {step * cfg.data.seq_len} tokens")
     _check_run(r, p)
     check_credentials(p, cfg)
-    if p:
-        raise ConfigError(p)
-    return cfg
+    return p
 
 
 def _check_run(r, p: List[str]) -> None:

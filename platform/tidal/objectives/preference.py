@@ -76,6 +76,11 @@ class DPOObjective:
         self.beta, self.loss_type, self.eps = beta, loss, label_smoothing
         self.reference = None
 
+    @property
+    def reference_forwards(self) -> int:
+        """Forward passes of a frozen model per training token (counted in MFU)."""
+        return 1 if self.reference is not None else 0
+
     @classmethod
     def from_config(cls, cfg) -> "DPOObjective":
         d = cfg.dpo

@@ -113,23 +113,34 @@ def build_engine(spec: Union[EngineSpec, object], vocab_size: int, eos_id: int, 
                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def _sums(loss_sum, weight, stats, device: torch.device) -> torch.Tensor:
-    """``[loss_sum, weight, stat sum, stat count, ...]`` (stats by name) as one float64
-    vector: what one all-reduce per step adds up over ranks."""
-    values = [loss_sum, weight] + [x for k in sorted(stats) for x in stats[k]]
+def _sums(loss_sum, weight, tokens, stats, device: torch.device) -> torch.Tensor:
+    """``[loss_sum, weight, real tokens, stat sum, stat count, ...]`` (stats by name) as one
+    float64 vector: what one all-reduce per step adds up over ranks."""
+    values = [loss_sum, weight, tokens] + [x for k in sorted(stats) for x in stats[k]]
     return torch.stack([torch.as_tensor(v, device=device).detach().to(torch.float64).reshape(())
                         for v in values])
 
 
 def _means(total: torch.Tensor, keys, prefix: str = "") -> Dict[str, float]:
     values = total.tolist()
-    return {f"{prefix}{k}": values[2 + 2 * i] / values[3 + 2 * i] if values[3 + 2 * i] else 0.0
+    return {f"{prefix}{k}": values[3 + 2 * i] / values[4 + 2 * i] if values[4 + 2 * i] else 0.0
             for i, k in enumerate(keys)}
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _scale_and_clip(model: torch.nn.Module, scale: float, clip: float) -> torch.Tensor:
+    """Gradients times ``scale`` (FSDP averaged them over ranks: ``world / global weight``
+    makes them the gradient of the global mean loss), then clipped to norm ``clip`` (0: no
+    clipping); returns the norm before clipping."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, scale)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def train_step(engine: Engine, micro_batches: List[Batch],
@@ -160,17 +171,11 @@ def train_step(engine: Engine, micro_batches: List[Batch],
         if loss_scale != 1.0:
             loss_sum = loss_sum * loss_scale
         loss_sum.backward()
-        part = _sums(loss_sum, weight, stats, engine.device)
+        part = _sums(loss_sum, weight, batch["tokens"], stats, engine.device)
         total, keys = (part if total is None else total + part), sorted(stats)
     total = C.all_sum(total, engine.world)
     weight = total[1].item()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, engine.world / weight if weight > 0 else 0.0)
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = _scale_and_clip(model, engine.world / weight if weight > 0 else 0.0, cfg.optim.grad_clip)
     loss_value = total[0].item() / weight if weight > 0 else 0.0
     verdict = guard(loss_value, float(grad_norm)) if guard is not None else None
     if verdict is not None:
@@ -181,7 +186,7 @@ def train_step(engine: Engine, micro_batches: List[Batch],
     opt.zero_grad(set_to_none=True)
     _sync(engine.device)
     dt = time.perf_counter() - t0
-    tokens = engine.global_batch * cfg.seq_len
+    tokens = int(total[2].item())  # real tokens: no padding, both sides of a pair
     engine.step += 1
     engine.tokens_seen += tokens
     tps_device = tokens / dt / engine.world
@@ -189,7 +194,9 @@ def train_step(engine: Engine, micro_batches: List[Batch],
            "step_time_s": dt, "tokens_per_s": tokens / dt, "tokens_per_s_per_worker": tps_device,
            "tokens_seen": engine.tokens_seen, "peak_mem_gib": M.peak_memory_gib(engine.device),
            "world_size": engine.world, "grad_accum": n, "time": time.time(), **_means(total, keys)}
-    util = M.mfu(tps_device, engine.flops_per_token, engine.peak_flops)
+    # a frozen reference's forward pass (DPO) is a third of a training step's FLOPs per token
+    refs = getattr(engine.objective, "reference_forwards", 0)
+    util = M.mfu(tps_device, engine.flops_per_token * (1 + refs / 3), engine.peak_flops)
     if util is not None:
         out["mfu"] = util
     return out
@@ -213,7 +220,7 @@ def evaluate(engine: Engine, batches: Iterable[Batch], num_batches: int,
         batch = batch if batch is not None else (last if last is not None else blank())
         last = batch
         loss_sum, weight, stats = engine.objective.loss(model, batch)
-        part = _sums(loss_sum, weight, stats, engine.device) * factor
+        part = _sums(loss_sum, weight, batch["tokens"], stats, engine.device) * factor
         total, keys = (part if total is None else total + part), sorted(stats)
     if total is None:
         return {}

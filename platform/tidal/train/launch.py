@@ -259,12 +259,7 @@ def _export_dirs(cfg, storage: str) -> tuple:
 
 def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
          export_dir: Optional[str], adapter_dir: Optional[str]) -> Dict:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from tidal.tracking.hub import MetricsHub
-    from tidal.train.loop import train_loop_per_worker
 
     root = cfg.run.output_dir
     storage = cfg.run.storage_path or root
@@ -283,24 +278,8 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     hub = MetricsHub.remote()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "data_dir": data_dir, "hub": hub, "use_gpu": use_gpu,
-                           "export_dir": export_dir, "adapter_dir": adapter_dir,
-                           "manifest_hash": manifest_hash(manifest),
-                           "run_storage": run_storage, "stage": stage.name,
-                           "signed": integrity.signing_key() is not None,
-                           "reference_digest": _reference_digest(cfg, stage.name)},
-        scaling_config=scaling_config(cfg, use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            # tidal prunes: only committed checkpoints count towards train.keep_checkpoints
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
-            # Ray Train's per-report INFO lines would drown the progress bar; ours say more
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-    )
+    trainer = _trainer(cfg, stage, hub, use_gpu, storage, run_storage, data_dir, manifest,
+                       export_dir, adapter_dir)
     metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), log)
     event_log = EventLog(os.path.join(run_dir, "events.jsonl"), log)
     wandb = WandbSink(cfg.logger, cfg.run.name, run_dir, config)
@@ -322,22 +301,56 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
             summary["adapter"] = adapter_dir
         summary["wall_time_s"] = round(time.time() - t0, 1)
         summary.update(_resilience(events, run_storage))
-        if any(e.get("val_samples") == 0 for e in events if e["event"] == "start"):
-            summary["final_val_loss"] = "none (no validation split: too little data to hold one out)"
-        if metrics_log.records:
-            summary["loss_plot"] = plots.loss_curve(metrics_log.records, os.path.join(run_dir, "loss.png"),
-                                                    f"{cfg.run.name}: {cfg.model.name} on {cfg.data.name}")
-        wandb_dir = wandb.finish(summary)
-        if wandb_dir:
-            summary["wandb_dir"] = wandb_dir
-        run_card.write(os.path.join(run_dir, "run_card.md"), config,
-                       redact(_facts(cfg, manifest, data_dir, events, use_gpu)), summary)
+        _write_results(cfg, summary, metrics_log, wandb, events, config, manifest, data_dir, run_dir, use_gpu)
     fatal = [e for e in events if e["event"] == "fatal"]
     if fatal:
         raise RunStopped(f"run '{cfg.run.name}' stopped: {fatal[-1]['reason']} (summary in "
                          f"{os.path.join(run_dir, 'run_card.md')}, events in "
                          f"{os.path.join(run_dir, 'events.jsonl')})")
     return summary
+
+
+def _trainer(cfg, stage, hub, use_gpu: bool, storage: str, run_storage: str, data_dir: str,
+             manifest: Dict, export_dir: Optional[str], adapter_dir: Optional[str]):
+    """Ray Train's TorchTrainer for the run: the shard loop on every worker."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tidal.train.loop import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "data_dir": data_dir, "hub": hub, "use_gpu": use_gpu,
+                           "export_dir": export_dir, "adapter_dir": adapter_dir,
+                           "manifest_hash": manifest_hash(manifest),
+                           "run_storage": run_storage, "stage": stage.name,
+                           "signed": integrity.signing_key() is not None,
+                           "reference_digest": _reference_digest(cfg, stage.name)},
+        scaling_config=scaling_config(cfg, use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            # tidal prunes: only committed checkpoints count towards train.keep_checkpoints
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            # Ray Train's per-report INFO lines would drown the progress bar; ours say more
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+
+
+def _write_results(cfg, summary: Dict, metrics_log: MetricsLog, wandb: WandbSink, events: list,
+                   config: Dict, manifest: Dict, data_dir: str, run_dir: str, use_gpu: bool) -> None:
+    """The loss plot, the W&B summary and the run card (also after a failed run)."""
+    if any(e.get("val_samples") == 0 for e in events if e["event"] == "start"):
+        summary["final_val_loss"] = "none (no validation split: too little data to hold one out)"
+    if metrics_log.records:
+        summary["loss_plot"] = plots.loss_curve(metrics_log.records, os.path.join(run_dir, "loss.png"),
+                                                f"{cfg.run.name}: {cfg.model.name} on {cfg.data.name}")
+    wandb_dir = wandb.finish(summary)
+    if wandb_dir:
+        summary["wandb_dir"] = wandb_dir
+    run_card.write(os.path.join(run_dir, "run_card.md"), config,
+                   redact(_facts(cfg, manifest, data_dir, events, use_gpu)), summary)
 
 
 def _reference_digest(cfg, stage: str) -> Optional[str]:

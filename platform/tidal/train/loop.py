@@ -53,7 +53,7 @@ def _shard_source(ctx: WorkerContext, engine, objective, manifest: Dict, data_di
                 torch.cuda.empty_cache()
 
     def make_batch(samples):
-        batch = to_batch(objective.data_kind, samples, engine.device)
+        batch = to_batch(objective.data_kind, samples, engine.device, manifest["tokenizer"]["pad_token_id"])
         if table is not None:
             batch["ref_logps"] = table.lookup(samples, engine.device)
         return batch
