@@ -296,70 +296,71 @@ class PretrainConfig(StageConfig):
     data: DataConfig = field(default_factory=DataConfig)
 
 
-# What the post-training stages change (they start from a trained model): a smaller
-# learning rate without weight decay, a short warmup, a short run.
-def _post_optim(lr: float):
+@dataclass(frozen=True)
+class PostTrainingConfig(StageConfig):
+    """What the post-training stages share: they start from a trained model
+    (``model.pretrained``), with a short warmup and a short run; each sets its learning
+    rate (no weight decay) and run name."""
+
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=6))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=60, micro_batch_size=4, eval_every=20, checkpoint_every=30))
+
+
+def _optim(lr: float):
     return field(default_factory=lambda: OptimConfig(lr=lr, weight_decay=0.0))
 
 
-def _post_schedule():
-    return field(default_factory=lambda: ScheduleConfig(warmup_steps=6))
-
-
-def _post_train(micro_batch_size: int):
-    return field(default_factory=lambda: TrainConfig(max_steps=60, micro_batch_size=micro_batch_size,
-                                                      eval_every=20, checkpoint_every=30))
-
-
-def _named_run(name: str):
+def _run(name: str):
     return field(default_factory=lambda: RunConfig(name=name))
 
 
 @dataclass(frozen=True)
-class SFTDataConfig:
-    """Instruction data: Alpaca records, prompt/completion pairs or chat ``messages``."""
+class PostDataConfig:
+    """Records for a post-training stage: JSON-list / JSONL (.gz) files, directories, globs,
+    s3:// or gs:// URIs, or an embedded set derived from the Python docs."""
 
-    name: str = "pydocs_instruct"
-    # "embedded:pydocs_instruct" (pairs derived from the Python docs shipped with Python), or
-    # JSON-list / JSONL (.gz) files, directories, globs, s3:// or gs:// URIs.
-    sources: List[str] = field(default_factory=lambda: ["embedded:pydocs_instruct"])
+    name: str = "records"
+    sources: List[str] = field(default_factory=list)
     limit: Optional[int] = None  # use only the first N records (quick runs, ablations)
     seq_len: int = 256
     val_fraction: float = 0.05
-    packing: bool = True  # several conversations per row, attention kept within each
     chat_template: Optional[str] = None  # Jinja; default: the tokenizer's own, else ChatML
     seed: int = 0
     output_dir: Optional[str] = None  # default <storage>/data/<name>-<hash>
 
 
 @dataclass(frozen=True)
-class SFTConfig(StageConfig):
+class SFTDataConfig(PostDataConfig):
+    """Instruction data: Alpaca records, prompt/completion pairs or chat ``messages``;
+    by default instructions derived from the Python docs shipped with Python."""
+
+    name: str = "pydocs_instruct"
+    sources: List[str] = field(default_factory=lambda: ["embedded:pydocs_instruct"])
+    packing: bool = True  # several conversations per row, attention kept within each
+
+
+@dataclass(frozen=True)
+class SFTConfig(PostTrainingConfig):
     """Supervised fine-tuning on the pretraining engine: same model, optimizer, schedule,
     scaling, checkpoints and fault tolerance; another objective and data source.
     ``model.pretrained``: an HF directory (e.g. a pretraining run's hf/ export); empty means
     the main pretraining job's newest export, pretraining one first if there is none."""
 
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    optim: OptimConfig = _post_optim(3e-4)
-    schedule: ScheduleConfig = _post_schedule()
-    train: TrainConfig = _post_train(8)
-    run: RunConfig = _named_run("sft")
+    optim: OptimConfig = _optim(3e-4)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=60, micro_batch_size=8, eval_every=20, checkpoint_every=30))
+    run: RunConfig = _run("sft")
 
 
 @dataclass(frozen=True)
-class PairDataConfig:
-    """Preference pairs: ``{prompt, chosen, rejected}`` records or HH-RLHF transcripts."""
+class PairDataConfig(PostDataConfig):
+    """Preference pairs: ``{prompt, chosen, rejected}`` records or HH-RLHF transcripts; by
+    default the Python docs' answer to a question preferred over another topic's."""
 
     name: str = "pydocs_prefs"
-    # "embedded:pydocs_prefs" (the Python docs' answer to a question preferred over another
-    # topic's), or JSON-list / JSONL (.gz) files, directories, globs, s3:// or gs:// URIs.
     sources: List[str] = field(default_factory=lambda: ["embedded:pydocs_prefs"])
-    limit: Optional[int] = None  # use only the first N records (quick runs, ablations)
-    seq_len: int = 256
-    val_fraction: float = 0.05
-    chat_template: Optional[str] = None
-    seed: int = 0
-    output_dir: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -375,26 +376,22 @@ class DPOParams:
 
 
 @dataclass(frozen=True)
-class RewardConfig(StageConfig):
+class RewardConfig(PostTrainingConfig):
     """Reward model: a scalar head on the causal LM, Bradley-Terry loss on pairs."""
 
     data: PairDataConfig = field(default_factory=PairDataConfig)
-    optim: OptimConfig = _post_optim(1e-4)
-    schedule: ScheduleConfig = _post_schedule()
-    train: TrainConfig = _post_train(4)
-    run: RunConfig = _named_run("reward")
+    optim: OptimConfig = _optim(1e-4)
+    run: RunConfig = _run("reward")
 
 
 @dataclass(frozen=True)
-class DPOConfig(StageConfig):
+class DPOConfig(PostTrainingConfig):
     """Direct preference optimization against a frozen reference (the starting model)."""
 
     data: PairDataConfig = field(default_factory=PairDataConfig)
     dpo: DPOParams = field(default_factory=DPOParams)
-    optim: OptimConfig = _post_optim(5e-5)
-    schedule: ScheduleConfig = _post_schedule()
-    train: TrainConfig = _post_train(4)
-    run: RunConfig = _named_run("dpo")
+    optim: OptimConfig = _optim(5e-5)
+    run: RunConfig = _run("dpo")
 
 
 @dataclass(frozen=True)

@@ -7,21 +7,18 @@ shards use the same global sample-cursor loader, checkpoints and resume as every
 """
 from __future__ import annotations
 
-import json
 import random
 from typing import Dict, List, Tuple
 
 import numpy as np
 
-from tidal.config.redact import redact
 from tidal.config import fingerprint, to_dict
-from tidal.data import io as tio
 from tidal.data.chat import IGNORE, render
 from tidal.data.corpus import embedded_docs
 from tidal.data.formats import preference_example
 from tidal.data.prepare import is_val
 from tidal.data.sft import (TOO_LONG, encode, no_usable, read_examples, save_tokenizer, split_examples,
-                            start_output, tally, write_split)
+                            start_output, tally, write_manifest, write_split)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -109,11 +106,6 @@ def prepare_pairs(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
             arr = arr[rng.permutation(len(arr))]
         manifest["shards"][split] = write_split(out_dir, split, arr)
         counts[split] = {"samples": int(len(arr)), "pairs": int(len(arr))}
-    manifest["counts"] = counts
-    manifest["config"] = redact(to_dict(cfg))
-    tio.write_bytes(tio.join(out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
-    log(f"pair data '{cfg.name}': {counts['train']['pairs']} train / {counts['val']['pairs']} val pairs "
-        f"of <= {cfg.seq_len} tokens; set aside: {sum(counts['malformed'].values())} malformed, "
-        f"{counts['too_long']} too long"
-        + ("" if counts["val"]["samples"] else "; no validation split (too few pairs)"))
-    return manifest
+    return write_manifest(out_dir, manifest, counts, cfg, log, (
+        f"pair data '{cfg.name}': {counts['train']['pairs']} train / {counts['val']['pairs']} val pairs "
+        f"of <= {cfg.seq_len} tokens"), "pairs")

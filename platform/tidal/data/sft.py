@@ -248,12 +248,18 @@ def prepare_sft(cfg, tokenizer_dir: str, out_dir: str, log=print) -> Dict:
         counts[split] = {"examples": len(examples), "samples": int(len(rows)),
                          "tokens": int(sum(len(e[0]) for e in examples)),
                          "response_tokens": int(sum(sum(x != IGNORE for x in e[1]) for e in examples))}
+    return write_manifest(out_dir, manifest, counts, cfg, log, (
+        f"sft data '{cfg.name}': {counts['train']['examples']} train / {counts['val']['examples']} val "
+        f"examples -> {counts['train']['samples']} / {counts['val']['samples']} rows of {cfg.seq_len} "
+        "tokens"), "examples")
+
+
+def write_manifest(out_dir: str, manifest: Dict, counts: Dict, cfg, log, summary: str, unit: str) -> Dict:
+    """The manifest, written last (it marks the data complete), and one line saying what
+    was prepared and what was set aside."""
     manifest["counts"] = counts
     manifest["config"] = redact(to_dict(cfg))
     tio.write_bytes(tio.join(out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
-    log(f"sft data '{cfg.name}': {counts['train']['examples']} train / {counts['val']['examples']} val "
-        f"examples -> {counts['train']['samples']} / {counts['val']['samples']} rows of {cfg.seq_len} "
-        f"tokens; set aside: {sum(counts['malformed'].values())} malformed, "
-        f"{counts['too_long']} too long"
-        + ("" if counts["val"]["samples"] else "; no validation split (too few examples)"))
+    log(f"{summary}; set aside: {sum(counts['malformed'].values())} malformed, {counts['too_long']} too long"
+        + ("" if counts["val"]["samples"] else f"; no validation split (too few {unit})"))
     return manifest

@@ -74,3 +74,20 @@ def to_batch(kind: str, samples: np.ndarray, device: torch.device, pad_id=None) 
 
 def scaled(stats: Stats, factor: float) -> Stats:
     return {k: (s * factor, c * factor) for k, (s, c) in stats.items()}
+
+
+class Objective:
+    """What every objective declares (``tidal.stages`` builds one per run with
+    ``from_config``): its name, the data kind its batches come from, the model head it
+    trains, the statistics it reports, and frozen-model forward passes per token (MFU).
+    ``loss(model, batch) -> (loss_sum, weight, stats)`` is the objective's own."""
+
+    name = ""
+    data_kind = "lm"
+    head = "lm"
+    stats: Tuple[str, ...] = ()
+    reference_forwards = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "Objective":
+        return cls()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tidal.objectives.batch import IGNORE, Batch
+from tidal.objectives.batch import IGNORE, Batch, Objective
 from tidal.objectives.logprobs import model_token_logprobs
 
 
@@ -26,17 +26,10 @@ def split_sample(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-class LMObjective:
+class LMObjective(Objective):
     """Pretraining: every next token of the packed samples counts."""
 
     name = "lm"
-    data_kind = "lm"
-    head = "lm"
-    stats = ()
-
-    @classmethod
-    def from_config(cls, cfg) -> "LMObjective":
-        return cls()
 
     def loss(self, model: torch.nn.Module, batch: Batch):
         logits = model(input_ids=batch["input_ids"]).logits
@@ -46,19 +39,13 @@ class LMObjective:
         return total, batch["loss_mask"].sum(), {}
 
 
-class SFTObjective:
+class SFTObjective(Objective):
     """SFT: the loss counts response tokens only (the others are ``IGNORE``). Position ids
     restart at each packed example, so attention stays within it (the model builds the
     block-diagonal mask from them). Log-probs are chunked: never the full logits."""
 
     name = "sft"
     data_kind = "sft"
-    head = "lm"
-    stats = ()
-
-    @classmethod
-    def from_config(cls, cfg) -> "SFTObjective":
-        return cls()
 
     def loss(self, model: torch.nn.Module, batch: Batch):
         logp, _ = model_token_logprobs(model, batch["targets"], input_ids=batch["input_ids"],

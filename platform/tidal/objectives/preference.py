@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tidal.objectives.batch import IGNORE, Batch
+from tidal.objectives.batch import IGNORE, Batch, Objective
 from tidal.objectives.logprobs import model_token_logprobs, shift_targets
 
 
-class RewardObjective:
+class RewardObjective(Objective):
     """A scalar reward at each sequence's last token; loss ``-log sigmoid(r_c - r_r)`` summed
     over pairs (the weight is the number of pairs)."""
 
@@ -18,10 +18,6 @@ class RewardObjective:
     data_kind = "pairs"
     head = "reward"
     stats = ("accuracy", "margin")
-
-    @classmethod
-    def from_config(cls, cfg) -> "RewardObjective":
-        return cls()
 
     def loss(self, model, batch: Batch):
         r = model(input_ids=batch["input_ids"]).logits.squeeze(-1).float()
@@ -56,7 +52,7 @@ def reference_sums(reference, batch: Batch):
             torch.stack([counts[:n], counts[n:]], 1))
 
 
-class DPOObjective:
+class DPOObjective(Objective):
     """``x = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r))``;
     sigmoid: ``-log sigmoid(beta x)``; cdpo: label smoothing ``eps`` over both orders;
     ipo: ``(x - 1/(2 beta))^2`` on length-averaged log-probs. The loss is summed over pairs
@@ -68,7 +64,6 @@ class DPOObjective:
 
     name = "dpo"
     data_kind = "pairs"
-    head = "lm"
     needs_reference = True
     stats = ("accuracy", "margin", "chosen_reward", "rejected_reward", "kl")
 
