@@ -24,9 +24,9 @@ import _hydra  # noqa: E402,F401
 from tidal.config import PretrainConfig, from_dict, to_dict, validate_pretrain  # noqa: E402
 
 DATA = os.environ.get("TIDAL_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
-MODELS = {  # shapes as in conf/model/
-    "tiny": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
-             "intermediate_size": 688},
+MODELS = {  # tiny: the schema's default model (conf/model/tiny.yaml)
+    "tiny": {"hidden_size": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
+             "intermediate_size": 512},
     "small": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 8,
               "intermediate_size": 1376},
 }

@@ -22,8 +22,17 @@ class Stage:
     title: str  # what the job says when the stage is done
     schema: type  # the config dataclass
     validate: Callable[[Any], Any]  # cfg -> cfg, or raises ConfigError naming the keys
-    objective: type  # its objective (tidal.objectives): ``objective.from_config(cfg)``
+    objective_path: str  # its objective class, "module:Class" (tidal.objectives)
     needs_pretrained: bool  # post-training: starts from model.pretrained
+
+    @property
+    def objective(self) -> type:
+        """The objective class (imported on first use: a job checks its arguments before
+        torch is imported); a run builds one with ``objective.from_config(cfg)``."""
+        import importlib
+
+        module, name = self.objective_path.split(":")
+        return getattr(importlib.import_module(module), name)
 
     @property
     def data_kind(self) -> str:
@@ -55,14 +64,8 @@ def get(stage: Union[str, Stage]) -> Stage:
     return STAGES.get_or_raise(stage)
 
 
-def _objectives():
-    from tidal.objectives import DPOObjective, LMObjective, RewardObjective, SFTObjective
-
-    return LMObjective, SFTObjective, RewardObjective, DPOObjective
-
-
-_LM, _SFT, _REWARD, _DPO = _objectives()
-register(Stage("pretrain", "pretraining finished", PretrainConfig, validate_pretrain, _LM, False))
-register(Stage("sft", "SFT finished", SFTConfig, validate_sft, _SFT, True))
-register(Stage("reward", "reward model finished", RewardConfig, validate_reward, _REWARD, True))
-register(Stage("dpo", "DPO finished", DPOConfig, validate_dpo, _DPO, True))
+_LM, _PREF = "tidal.objectives.causal_lm", "tidal.objectives.preference"
+register(Stage("pretrain", "pretraining finished", PretrainConfig, validate_pretrain, f"{_LM}:LMObjective", False))
+register(Stage("sft", "SFT finished", SFTConfig, validate_sft, f"{_LM}:SFTObjective", True))
+register(Stage("reward", "reward model finished", RewardConfig, validate_reward, f"{_PREF}:RewardObjective", True))
+register(Stage("dpo", "DPO finished", DPOConfig, validate_dpo, f"{_PREF}:DPOObjective", True))

@@ -121,7 +121,7 @@ def test_elastic_run_grows_loses_a_node_and_matches_a_fixed_size_run(request, tm
     # the cloud lends one worker node at first (max_workers=1); more when the test says so
     with FakeAutoscalingCluster(worker_resources={"CPU": 1}, head_cpus=0, min_workers=1,
                                 max_workers=1, env=TRAIN_ENV) as cluster:
-        monkeypatch.setenv("RAY_ADDRESS", cluster.address)  # run_pretrain joins it
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)  # run_stage joins it
         trainer = threading.Thread(target=run, daemon=True, name="elastic-run")
         try:
             t0 = time.time()

@@ -24,8 +24,8 @@ def out(tmp_path_factory):
     return tmp_path_factory.mktemp("sweep")
 
 
-def base(out, scaling=None, **train):
-    return to_dict(small_cfg(out, scaling={"workers": 1, **(scaling or {})},
+def base(out, **train):
+    return to_dict(small_cfg(out, scaling={"workers": 1},
                              logger={"wandb": True, "wandb_mode": "offline"},
                              train={"max_steps": 20, "eval_every": 5, **train}))
 
@@ -204,8 +204,7 @@ def test_a_failed_trial_is_retried_or_marked_failed_and_the_sweep_goes_on(ray_lo
     # kill@3: a lost worker once (the retry completes); crash@3: a failure on every attempt
     space = [{"key": "train.inject_faults", "type": "choice", "values": [[], ["kill@3"], ["crash@3"]]}]
     sweep = sweep_cfg(out, "retry", space, {"name": "fifo"}, max_failures=1)
-    # no retries inside a trial's run: the sweep's own retry is what is tested
-    s = run_sweep(sweep, base(out, scaling={"max_failures": 0}, max_steps=10))
+    s = run_sweep(sweep, base(out, max_steps=10))
     trials = {tuple(t["train.inject_faults"]): t for t in json.load(open(s["results_json"]))["trials"]}
     assert trials[()]["status"] == "completed" and trials[()]["steps"] == 10
     killed = trials[("kill@3",)]

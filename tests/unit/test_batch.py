@@ -57,3 +57,25 @@ def test_a_step_counts_the_tokens_it_trained_on():
     m = train_step(engine, [to_batch("sft", rows[i:i + 1], torch.device("cpu"), PAD) for i in range(2)])
     assert m["tokens_seen"] == 17 == engine.tokens_seen
     assert m["tokens_per_s"] == pytest.approx(17 / m["step_time_s"])
+
+
+@pytest.mark.usefixtures("single_rank_group")
+def test_an_all_padding_step_changes_no_weight():
+    from tidal.train.engine import build_engine, train_step
+
+    cfg = from_dict(PretrainConfig, {
+        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2,
+                  "intermediate_size": 64},
+        "data": {"seq_len": 12}, "train": {"global_batch_tokens": 24, "micro_batch_size": 2},
+        "scaling": {"workers": 1, "precision": "fp32"}})
+    engine = build_engine(cfg, 40, 1, PAD, rank=0, world=1, device=torch.device("cpu"))
+    engine.objective = SFTObjective()
+    rows = sft_rows()
+    rows[:, 1] = IGNORE  # no reply token anywhere: weight 0
+    before = [p.detach().clone() for p in engine.model.parameters()]
+    seen = []
+    m = train_step(engine, [to_batch("sft", rows, torch.device("cpu"), PAD)],
+                   guard=lambda loss, norm: seen.append(loss))
+    assert m["loss"] == 0.0 and m["step"] == 1 and seen == []  # the guard never saw a fake 0
+    for a, b in zip(engine.model.parameters(), before):
+        assert torch.equal(a.detach(), b)  # AdamW's decay did not move the weights either

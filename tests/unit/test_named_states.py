@@ -78,3 +78,26 @@ def test_named_states_round_trip_and_format_one_loads(tmp_path):
     state = ckpt.load(older, path)
     assert older.step == 5 and state["states"]["source"] == {"cursor": 20, "skipped": [[8, 12]]}
     assert "stage" not in state["states"]
+
+
+def test_a_rollback_skips_from_the_restored_position_through_the_failed_batch():
+    src = ShardSource(Loader(), lambda rows: rows)
+    src.load_state_dict({"cursor": 8, "skipped": [[0, 4]]})
+    before = src.state_dict()  # the step at cursor 8 failed
+    src.load_state_dict({"cursor": 4, "skipped": []})  # the checkpoint restored
+    assert src.skip_failed(before) == {"skipped_samples": [4, 12], "skipped_batches": 2}
+    assert src.state_dict() == {"cursor": 12, "skipped": [[0, 4], [4, 12]]}
+
+
+def test_a_checkpoint_without_the_source_state_is_refused_by_name(tmp_path):
+    from tidal.train import integrity
+    from tidal.train.worker import restore
+
+    engine = _engine()
+    path = str(tmp_path / "checkpoint_0000002")
+    engine.step = 2
+    ckpt.save(engine, path, {"config": {}})  # no source state: not a training run's
+    integrity.write_rank_manifest(path, 0)
+    integrity.commit(path, 1, 2)
+    with pytest.raises(ValueError, match="holds no 'source' state"):
+        restore(_engine(), path, ShardSource(Loader(), lambda rows: rows))

@@ -66,11 +66,3 @@ def ensure_post_data(cfg, root: str, kind: str, log=print,
     elif _stale(manifest, cfg.data, data_dir, log, resuming):
         manifest = prep(cfg.data, tok_src, data_dir, log)
     return data_dir, manifest
-
-
-def ensure_job_data(cfg, storage: str, objective: str, log=print,
-                    resuming: Optional[str] = None) -> tuple[str, Dict]:
-    """The prepared data an objective trains on: a pretraining corpus, SFT rows or pairs."""
-    if objective == "lm":
-        return ensure_data(cfg.data, storage, log, resuming)
-    return ensure_post_data(cfg, storage, "sft" if objective == "sft" else "pairs", log, resuming)

@@ -1,5 +1,6 @@
-"""Losses and objectives: what turns a batch of samples into a loss (training) and into
-summed losses and counts (evaluation). Every stage is an objective on the same engine."""
+"""Losses and objectives: ``loss(model, batch) -> (loss_sum, weight, stats)`` over a batch
+of named tensors (``batch``), for training and evaluation alike. Every stage is an objective
+on the same engine."""
 from tidal.objectives.batch import IGNORE, Batch, to_batch
 from tidal.objectives.causal_lm import LMObjective, SFTObjective, causal_lm_loss, split_sample
 from tidal.objectives.logprobs import (chunked_token_logprobs, model_token_logprobs, sequence_logprob,

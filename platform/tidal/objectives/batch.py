@@ -6,7 +6,7 @@ turns them into the same named fields for every stage:
 - ``input_ids`` ``[N, L]``: the tokens the model reads;
 - ``targets`` ``[N, L]``: the token each position predicts (``IGNORE`` where none counts);
 - ``loss_mask`` ``[N, L]`` bool: ``targets != IGNORE``;
-- ``position_ids`` ``[N, L]`` (packed SFT and pairs): restart at each packed example, so
+- ``position_ids`` ``[N, L]`` (packed SFT rows): restart at each packed example, so
   attention stays inside it;
 - ``tokens``: how many real input tokens the batch holds (padding excluded, both sides of a
   pair counted): what tokens/s and MFU count;

@@ -26,11 +26,12 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
-def all_true(flag: bool, world: int) -> bool:
-    """Whether ``flag`` holds on every rank."""
+def all_true(flag: bool, world: int, device: torch.device = torch.device("cpu")) -> bool:
+    """Whether ``flag`` holds on every rank (``device``: where the process group's
+    collectives run, CUDA for NCCL)."""
     if not distributed(world):
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 

@@ -171,7 +171,7 @@ class Checkpointer:
 
     def poll(self) -> None:
         """Commit a finished async save (collective: every rank must have finished writing)."""
-        if self.pending is not None and C.all_true(self.pending[5].is_set(), self.engine.world):
+        if self.pending is not None and C.all_true(self.pending[5].is_set(), self.engine.world, self.engine.device):
             self.wait()
 
     def wait(self) -> None:

@@ -177,12 +177,14 @@ def train_step(engine: Engine, micro_batches: List[Batch],
     weight = total[1].item()
     grad_norm = _scale_and_clip(model, engine.world / weight if weight > 0 else 0.0, cfg.optim.grad_clip)
     loss_value = total[0].item() / weight if weight > 0 else 0.0
-    verdict = guard(loss_value, float(grad_norm)) if guard is not None else None
+    # an all-padding global batch (weight 0) has nothing to learn from: no update, no guard
+    verdict = guard(loss_value, float(grad_norm)) if guard is not None and weight > 0 else None
     if verdict is not None:
         opt.zero_grad(set_to_none=True)
         return {"step": engine.step + 1, "anomaly": verdict, "loss": loss_value,
                 "grad_norm": float(grad_norm), "lr": lr, **_means(total, keys)}
-    opt.step()
+    if weight > 0:
+        opt.step()
     opt.zero_grad(set_to_none=True)
     _sync(engine.device)
     dt = time.perf_counter() - t0

@@ -7,6 +7,9 @@ a queue of rollout batches with the same small interface::
 
     batches(rank, world, micro) -> list of micro-batches (this rank's share of the step)
     advance()                   -> the step was applied: move past its batch
+    skip_failed(before)         -> after a rollback restored an older state: move past the
+                                   batches since, up to and including the failed step's
+                                   (``before``: the state when it failed); says what it skipped
     state_dict() / load_state_dict(state)
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ class BatchSource(Protocol):
     def batches(self, rank: int, world: int, micro: int) -> List[Batch]: ...
 
     def advance(self) -> None: ...
+
+    def skip_failed(self, before: Dict) -> Dict: ...
 
     def state_dict(self) -> Dict: ...
 
@@ -59,6 +64,14 @@ class ShardSource:
         self.skipped.append(window)
         self.cursor = end
         return window
+
+    def skip_failed(self, before: Dict) -> Dict:
+        """Past every sample from the restored cursor through the failed step's batch (the
+        skipped windows recorded before the restore are kept)."""
+        self.skipped = [list(w) for w in before["skipped"]]
+        window = self.skip(before["cursor"] + self.global_batch)
+        return {"skipped_samples": window,
+                "skipped_batches": (window[1] - window[0]) // self.global_batch}
 
     def epoch(self) -> float:
         return self.loader.epoch_of(self.cursor)

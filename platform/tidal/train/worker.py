@@ -69,6 +69,10 @@ def restore(engine, path: str, source) -> Dict:
         if problems:
             raise ValueError(f"checkpoint {path} changed after it was verified: {'; '.join(problems[:3])}")
         state = ckpt.load(engine, local)
+    if source.name not in state["states"]:
+        raise ValueError(f"checkpoint {path} holds no '{source.name}' state (it has "
+                         f"{', '.join(sorted(state['states']))}): it was not written by a training "
+                         "run of this kind, so where its data stopped is unknown")
     source.load_state_dict(state["states"][source.name])
     return state
 
@@ -208,19 +212,15 @@ class WorkerContext:
             self.saver.wait()
             return False
         self.saver.wait()
-        src = self.source
-        bad_end = src.cursor + src.global_batch
+        before = self.source.state_dict()
         path = C.broadcast(integrity.latest_valid(self.run_dir)[0] if self.rank == 0 else None, self.world)
-        skipped = [list(w) for w in src.skipped]
         if path is not None:
-            restore(self.engine, path, src)  # model, optimizer, step, data position, RNG as they were
-        src.skipped = skipped
-        window = src.skip(bad_end)  # global sample positions never trained on
+            restore(self.engine, path, self.source)  # model, optimizer, step, data position, RNG
+        skipped = self.source.skip_failed(before)  # what is never trained on
         self.guard.reset()
         self.emit({"event": "rollback", "step": nxt, "reason": metrics["anomaly"],
                    "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                   "to_step": self.engine.step, "checkpoint": path, "skipped_samples": window,
-                   "skipped_batches": (window[1] - window[0]) // src.global_batch})
+                   "to_step": self.engine.step, "checkpoint": path, **skipped})
         return True
 
     def report(self, metrics: Dict, last: bool) -> None:
