@@ -42,17 +42,25 @@ def test_pairs_count_both_sides_and_packed_text_counts_every_token():
     assert int(lm["tokens"]) == 3 * 8
 
 
-@pytest.mark.usefixtures("single_rank_group")
-def test_a_step_counts_the_tokens_it_trained_on():
-    from tidal.train.engine import build_engine, train_step
+def sft_engine(micro: int):
+    """A one-rank SFT engine on two 12-token rows per step."""
+    from tidal.train.engine import build_engine
 
     cfg = from_dict(PretrainConfig, {
         "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2,
                   "intermediate_size": 64},
-        "data": {"seq_len": 12}, "train": {"global_batch_tokens": 24, "micro_batch_size": 1},
+        "data": {"seq_len": 12}, "train": {"global_batch_tokens": 24, "micro_batch_size": micro},
         "scaling": {"workers": 1, "precision": "fp32"}})
     engine = build_engine(cfg, 40, 1, PAD, rank=0, world=1, device=torch.device("cpu"))
     engine.objective = SFTObjective()
+    return engine
+
+
+@pytest.mark.usefixtures("single_rank_group")
+def test_a_step_counts_the_tokens_it_trained_on():
+    from tidal.train.engine import train_step
+
+    engine = sft_engine(micro=1)
     rows = sft_rows()
     m = train_step(engine, [to_batch("sft", rows[i:i + 1], torch.device("cpu"), PAD) for i in range(2)])
     assert m["tokens_seen"] == 17 == engine.tokens_seen
@@ -61,15 +69,9 @@ def test_a_step_counts_the_tokens_it_trained_on():
 
 @pytest.mark.usefixtures("single_rank_group")
 def test_an_all_padding_step_changes_no_weight():
-    from tidal.train.engine import build_engine, train_step
+    from tidal.train.engine import train_step
 
-    cfg = from_dict(PretrainConfig, {
-        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2,
-                  "intermediate_size": 64},
-        "data": {"seq_len": 12}, "train": {"global_batch_tokens": 24, "micro_batch_size": 2},
-        "scaling": {"workers": 1, "precision": "fp32"}})
-    engine = build_engine(cfg, 40, 1, PAD, rank=0, world=1, device=torch.device("cpu"))
-    engine.objective = SFTObjective()
+    engine = sft_engine(micro=2)
     rows = sft_rows()
     rows[:, 1] = IGNORE  # no reply token anywhere: weight 0
     before = [p.detach().clone() for p in engine.model.parameters()]

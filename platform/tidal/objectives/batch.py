@@ -15,11 +15,11 @@ turns them into the same named fields for every stage:
   log-probs.
 
 Pair data stacks both sides, chosen first: rows ``0..B-1`` are the chosen replies and rows
-``B..2B-1`` the rejected ones (``pairs`` = B).
+``B..2B-1`` the rejected ones.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple, Union
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -27,9 +27,6 @@ import torch
 from tidal.objectives.logprobs import IGNORE
 
 Batch = Dict[str, torch.Tensor]
-# An objective's statistics: name -> (sum, count) on this rank; the engine adds both up
-# over micro-batches and ranks and reports sum / count.
-Stats = Dict[str, Tuple[Union[torch.Tensor, float], Union[torch.Tensor, float]]]
 
 KINDS = ("lm", "sft", "pairs")
 
@@ -72,15 +69,13 @@ def to_batch(kind: str, samples: np.ndarray, device: torch.device, pad_id=None) 
     return batch
 
 
-def scaled(stats: Stats, factor: float) -> Stats:
-    return {k: (s * factor, c * factor) for k, (s, c) in stats.items()}
-
-
 class Objective:
     """What every objective declares (``tidal.stages`` builds one per run with
     ``from_config``): its name, the data kind its batches come from, the model head it
     trains, the statistics it reports, and frozen-model forward passes per token (MFU).
-    ``loss(model, batch) -> (loss_sum, weight, stats)`` is the objective's own."""
+    ``loss(model, batch) -> (loss_sum, weight, stats)`` is the objective's own; ``stats``
+    maps a name to ``(sum, count)`` on this batch, which the engine adds up over
+    micro-batches and ranks and reports as ``sum / count``."""
 
     name = ""
     data_kind = "lm"
