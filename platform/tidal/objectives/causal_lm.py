@@ -4,7 +4,8 @@ An objective turns a batch of named tensors (``tidal.objectives.batch``) into
 ``(loss_sum, weight, stats)``: the loss summed over what it counts, how many things it
 counted (tokens here), and statistics as (sum, count). The engine adds these up over
 micro-batches and ranks and divides once, so every counted token weighs the same whatever
-the world size or micro-batch grouping.
+the world size or micro-batch grouping. Both objectives use the fused chunked loss
+(``model_nll_sum``): no ``[tokens x vocab]`` logits, no recomputation in backward.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tidal.objectives.batch import IGNORE, Batch, Objective
-from tidal.objectives.logprobs import model_token_logprobs
+from tidal.objectives.logprobs import model_nll_sum
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
@@ -32,10 +33,7 @@ class LMObjective(Objective):
     name = "lm"
 
     def loss(self, model: torch.nn.Module, batch: Batch):
-        logits = model(input_ids=batch["input_ids"]).logits
-        targets = batch["targets"]
-        total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                ignore_index=IGNORE, reduction="sum")
+        total = model_nll_sum(model, batch["targets"], input_ids=batch["input_ids"])
         return total, batch["loss_mask"].sum(), {}
 
 
@@ -48,7 +46,7 @@ class SFTObjective(Objective):
     data_kind = "sft"
 
     def loss(self, model: torch.nn.Module, batch: Batch):
-        logp, _ = model_token_logprobs(model, batch["targets"], input_ids=batch["input_ids"],
-                                       position_ids=batch["position_ids"], use_cache=False)
-        # a batch of padding only gives zero (logp is 0 there), keeping the graph
-        return -logp.sum(), batch["loss_mask"].sum(), {}
+        total = model_nll_sum(model, batch["targets"], input_ids=batch["input_ids"],
+                              position_ids=batch["position_ids"], use_cache=False)
+        # a batch of padding only gives zero, keeping the graph
+        return total, batch["loss_mask"].sum(), {}

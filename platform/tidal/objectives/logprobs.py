@@ -103,6 +103,57 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     return logp.reshape(shape), entropy.reshape(shape)
 
 
+class _FusedNLL(torch.autograd.Function):
+    """Summed negative log-likelihood whose gradient is formed chunk by chunk in forward
+    (Liger's fused linear cross-entropy): the loss is a sum, so its gradient with respect
+    to the logits is known before backward and no chunk's logits are recomputed; backward
+    only scales the stored gradients by the incoming scalar."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int):
+        n = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, n, chunk_size):
+            e = min(n, s + chunk_size)
+            h, lab = hidden[s:e], labels[s:e]
+            keep = (lab != ignore_index)
+            safe = lab.clamp(min=0).unsqueeze(-1)
+            g = _chunk_logp(h, weight)
+            total -= (g.gather(-1, safe).squeeze(-1) * keep).sum()
+            # d(-logp_y)/dz = p - onehot(y), zero on ignored rows
+            g.exp_().mul_(keep.unsqueeze(-1))
+            g.scatter_add_(-1, safe, -keep.float().unsqueeze(-1))
+            g = g.to(hidden.dtype)
+            if need_h:
+                grad_h[s:e] = g @ weight
+            if need_w:
+                grad_w.addmm_(g.t().float(), h.float())
+            del g
+        ctx.save_for_backward(grad_h if need_h else None,
+                              grad_w.to(weight.dtype) if need_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, g_total):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = lambda t: None if t is None else t * g_total.to(t.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), None, None, None
+
+
+def chunked_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    chunk_size: int = 1024, ignore_index: int = IGNORE) -> torch.Tensor:
+    """``-sum(logp)`` over the labelled positions, as ``-token_logprobs(...)[0].sum()``
+    (fp32), with no ``[tokens x vocab]`` buffer and no recomputation in backward: the
+    next-token loss of pretraining and SFT at the cost of the plain path."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _FusedNLL.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                           chunk_size, ignore_index)
+
+
 def sequence_logprob(logp: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE,
                      average: bool = False) -> torch.Tensor:
     """Sum (or mean) of per-token log-probs over each sequence's labelled positions."""
@@ -158,3 +209,26 @@ def model_token_logprobs(model, targets: torch.Tensor, chunk_size: int = 1024,
     finally:
         del head.forward
     return out[..., 0], out[..., 1]
+
+
+def model_nll_sum(model, targets: torch.Tensor, chunk_size: int = 1024,
+                  ignore_index: int = IGNORE, **inputs) -> torch.Tensor:
+    """Summed next-token loss of ``targets`` (already shifted) under an HF causal LM,
+    through :func:`chunked_nll_sum` inside the model's forward (same head rules and
+    fallback as :func:`model_token_logprobs`)."""
+    head = model.get_output_embeddings()
+    if not _plain_head(model, head):
+        logp, _ = model_token_logprobs(model, targets, chunk_size, ignore_index, **inputs)
+        return -logp.sum()
+
+    def projection(hidden: torch.Tensor) -> torch.Tensor:
+        loss = chunked_nll_sum(hidden, head.weight, targets, chunk_size, ignore_index)
+        # returned through the model's output, so backward passes its hooks (FSDP2's)
+        return loss.view(1, 1, 1).expand(*hidden.shape[:-1], 1)
+
+    head.forward = projection
+    try:
+        out = model(**inputs).logits
+    finally:
+        del head.forward
+    return out[0, 0, 0]
