@@ -1,6 +1,7 @@
 """Typed, frozen config schemas and their validation (no Hydra/OmegaConf in here)."""
 from tidal.config.convert import ConfigError, allowed_keys, fingerprint, from_dict, to_dict
 from tidal.config.schema import (
+    AlgorithmConfig,
     DataConfig,
     DPOConfig,
     DPOParams,
@@ -13,7 +14,11 @@ from tidal.config.schema import (
     PairDataConfig,
     PrepareConfig,
     PretrainConfig,
+    PromptDataConfig,
     RewardConfig,
+    RLHFConfig,
+    RLRewardConfig,
+    RolloutConfig,
     RunConfig,
     ScalingConfig,
     ScheduleConfig,
@@ -36,5 +41,6 @@ __all__ = [
     "SFTConfig", "SFTDataConfig", "TrainConfig", "validate_export", "validate_prepare",
     "validate_pretrain", "validate_sft", "validate_reward", "validate_dpo", "DPOConfig", "DPOParams",
     "PairDataConfig", "RewardConfig", "EvalConfig", "validate_eval", "SearchConfig", "SearchParam",
-    "SweepConfig", "TrialSchedulerConfig",
+    "SweepConfig", "TrialSchedulerConfig", "AlgorithmConfig", "PromptDataConfig", "RLHFConfig",
+    "RLRewardConfig", "RolloutConfig",
 ]

@@ -51,8 +51,8 @@ class ModelConfig:
     pretrained: Optional[str] = None  # local HF checkpoint directory; overrides the shape below
     hidden_size: int = 192  # the tiny preset: ~3M parameters with a 4k vocabulary
     num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 4
+    num_heads: int = 6  # head_dim 32: a size vLLM's CPU attention supports (rollouts)
+    num_kv_heads: int = 6
     intermediate_size: int = 512
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
@@ -392,6 +392,109 @@ class DPOConfig(PostTrainingConfig):
     dpo: DPOParams = field(default_factory=DPOParams)
     optim: OptimConfig = _optim(5e-5)
     run: RunConfig = _run("dpo")
+
+
+@dataclass(frozen=True)
+class PromptDataConfig(PostDataConfig):
+    """Prompts for RL: chat ``messages`` (the prompt is every turn before the last
+    assistant reply, if any), Alpaca records (instruction + input), plain ``prompt``
+    records, or the prompt part of HH-RLHF transcripts; other fields of a record (e.g.
+    ``answer``) reach the reward functions as metadata. By default instructions derived from
+    the Python docs. ``seq_len``: prompts longer than this many tokens (chat template
+    applied) are set aside and counted."""
+
+    name: str = "pydocs_prompts"
+    sources: List[str] = field(default_factory=lambda: ["embedded:pydocs_instruct"])
+    seq_len: int = 96
+    val_fraction: float = 0.1  # held-out prompts: the reward the run reports as held-out
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """vLLM rollout engines (Ray actors) and the weight sync to them."""
+
+    engines: int = 1
+    n: int = 4  # samples per prompt (the group of group estimators)
+    prompts_per_iteration: int = 16
+    max_tokens: int = 32  # response tokens per sample
+    temperature: float = 1.0  # top-p/top-k stay off: log-probs comparable with the learner's
+    cpus_per_engine: int = 1
+    kv_cache_gib: float = 0.25  # CPU: the engine's KV cache in host memory
+    gpu_memory_utilization: float = 0.5  # GPU engines
+    start_timeout_s: float = 600.0  # an engine's start (model load) deadline
+    timeout_s: float = 600.0  # one iteration's generation deadline
+    sync_timeout_s: float = 300.0  # one weight sync's deadline
+    sync_bucket_mb: int = 64  # parameters gathered and sent in buckets of at most this size
+    # after each sync the engines' log-probs of a fixed probe sequence must match the
+    # learner's within this (mean absolute difference); null: 1e-3 in fp32, 5e-2 in bf16
+    sync_check_tol: Optional[float] = None
+    samples_every: int = 5  # iterations between samples.jsonl records (0: never)
+    samples_per_record: int = 4
+
+
+@dataclass(frozen=True)
+class RLRewardConfig:
+    """What scores a completion: a weighted sum of parts. ``model``: a reward-model export
+    (``jobs/reward.py``), "auto" for the newest one (training one first if there is none),
+    or null for none; ``rules``: built-in rule rewards (``tidal.rlhf.rewards.RULES``);
+    ``functions``: user functions by import path, ``module:function``, called as
+    ``fn(prompts, completions, metadata) -> list of floats``."""
+
+    model: Optional[str] = "auto"
+    model_weight: float = 1.0
+    model_actors: int = 1
+    model_batch_size: int = 32
+    rules: List[str] = field(default_factory=list)
+    rule_weights: List[float] = field(default_factory=list)  # one per rule; empty: 1.0 each
+    functions: List[str] = field(default_factory=list)
+    function_weights: List[float] = field(default_factory=list)  # one per function; empty: 1.0 each
+    answer_field: str = "answer"  # the metadata field exact_match / prefix_match compare with
+    format_pattern: str = r"\S"  # format: 1 when the completion matches (re.search)
+    length_target: int = 16  # length: -|tokens - target| / target
+    on_error: Literal["drop", "stop"] = "drop"  # a reward that raises: drop the samples, or stop
+    timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The RL algorithm: an advantage estimator and a clipped policy loss (``algorithm=``
+    picks a preset from ``conf/algorithm``)."""
+
+    name: str = "grpo"
+    estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"] = "grpo"
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # > clip_low: DAPO's clip-higher
+    dual_clip: Optional[float] = None  # e.g. 3.0: bound the loss of negative advantages
+    kl_coef: float = 0.01  # KL to the reference policy; 0: no reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in_reward: bool = False  # true: a per-token reward penalty (k1 style) instead of a loss term
+    entropy_coef: float = 0.0
+    epochs: int = 1  # passes over each rollout batch
+    minibatches: int = 1  # optimizer steps per pass
+    drop_equal_groups: bool = False  # DAPO dynamic sampling: groups with equal rewards train nothing
+    std_eps: float = 1e-6
+    # truncated importance sampling against the rollout engine's log-probs
+    tis: Literal["off", "token", "sequence"] = "off"
+    tis_cap: float = 2.0
+
+
+@dataclass(frozen=True)
+class RLHFConfig(PostTrainingConfig):
+    """RL from a reward (GRPO family): vLLM rollout engines, rewards, and learners on the
+    training engine. ``train.max_steps`` counts iterations (generate, score, learn, sync);
+    ``eval_every`` and ``checkpoint_every`` too. ``model.pretrained`` empty: the newest SFT
+    export (running the earlier stages first)."""
+
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RLRewardConfig = field(default_factory=RLRewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = _optim(1e-5)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="constant", warmup_steps=0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=20, micro_batch_size=8, eval_every=10, checkpoint_every=10))
+    run: RunConfig = _run("rlhf")
 
 
 @dataclass(frozen=True)

