@@ -40,14 +40,37 @@ def main_model(output_dir: str) -> str:
     return found[-1]
 
 
+def _newest_or_run(output_dir: str, stage: str, then: Callable[[str], str]) -> str:
+    """The newest complete export of ``stage`` under ``output_dir``, running
+    ``jobs/<stage>.py`` first when there is none."""
+    pattern = os.path.join(output_dir, f"{stage}-*", "hf")
+    if not complete_exports(pattern):
+        print(f"no {stage} export under {output_dir}: running jobs/{stage}.py first", flush=True)
+        subprocess.run([sys.executable, os.path.join(HERE, f"{stage}.py"), f"run.output_dir={output_dir}"],
+                       check=True)
+    return then(pattern)
+
+
+def sft_model(output_dir: str) -> str:
+    """For RLHF: the newest complete SFT export (running SFT, and pretraining, first if none)."""
+    return _newest_or_run(output_dir, "sft", lambda pattern: complete_exports(pattern)[-1])
+
+
+def reward_model(output_dir: str) -> str:
+    """For RLHF's reward.model=auto: the newest reward-model export (training one first if none)."""
+    return _newest_or_run(output_dir, "reward", lambda pattern: complete_exports(pattern)[-1])
+
+
 def latest_export(output_dir: str) -> str:
     """For reward modelling and DPO: the newest complete SFT export, else the main job's model."""
     found = complete_exports(os.path.join(output_dir, "sft-*", "hf"))
     return found[-1] if found else main_model(output_dir)
 
 
-def run(name: str, starts_from: Optional[Callable[[str], str]] = None) -> None:
-    """Run stage ``name`` as a job: ``python jobs/<name>.py [overrides]``."""
+def run(name: str, starts_from: Optional[Callable[[str], str]] = None,
+        resolve: Optional[Callable] = None) -> None:
+    """Run stage ``name`` as a job: ``python jobs/<name>.py [overrides]``. ``resolve``
+    fills in what the config leaves to the job (e.g. RLHF's reward model) before launch."""
     stage = stages.get(name)
     _hydra.register(f"{stage.name}_schema", stage.schema)
 
@@ -63,6 +86,8 @@ def run(name: str, starts_from: Optional[Callable[[str], str]] = None) -> None:
                 config = replace(config, model=replace(config.model, pretrained=starts_from(config.run.output_dir)))
                 config = _hydra.revalidate(config, stage.validate)
                 print(f"starting from {config.model.pretrained}")
+            if resolve is not None:
+                config = _hydra.revalidate(resolve(config), stage.validate)
             summary = run_stage(stage, config)
         print_summary(stage.title, summary)
 

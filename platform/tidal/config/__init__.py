@@ -31,7 +31,7 @@ from tidal.config.schema import (
     TrainConfig,
     TrialSchedulerConfig,
 )
-from tidal.config.validate import (validate_dpo, validate_eval, validate_export, validate_prepare, validate_pretrain,
+from tidal.config.validate import (validate_dpo, validate_rlhf, validate_eval, validate_export, validate_prepare, validate_pretrain,
                                    validate_reward, validate_sft)
 
 __all__ = [
@@ -42,5 +42,5 @@ __all__ = [
     "validate_pretrain", "validate_sft", "validate_reward", "validate_dpo", "DPOConfig", "DPOParams",
     "PairDataConfig", "RewardConfig", "EvalConfig", "validate_eval", "SearchConfig", "SearchParam",
     "SweepConfig", "TrialSchedulerConfig", "AlgorithmConfig", "PromptDataConfig", "RLHFConfig",
-    "RLRewardConfig", "RolloutConfig",
+    "RLRewardConfig", "RolloutConfig", "validate_rlhf",
 ]

@@ -263,9 +263,107 @@ def validate_dpo(cfg):
     return _done(cfg, validate_common(cfg, p))
 
 
-def validate_common(cfg, p: List[str]) -> List[str]:
+# head sizes vLLM's CPU attention runs (vllm/v1/attention/backends/cpu_attn.py)
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _model_conf(cfg):
+    """The starting model's HF config (model.pretrained), or None when not readable."""
+    if not cfg.model.pretrained or not os.path.isdir(os.path.expanduser(cfg.model.pretrained)):
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(os.path.expanduser(cfg.model.pretrained), local_files_only=True)
+    except Exception:  # noqa: BLE001 - check_pretrained reports it
+        return None
+
+
+def _check_rollout_model(cfg, p: List[str]) -> None:
+    """Prompt + response within the model's positions; on CPU, a head size vLLM runs."""
+    r, conf = cfg.rollout, _model_conf(cfg)
+    if conf is None:
+        return
+    max_pos = getattr(conf, "max_position_embeddings", None)
+    if max_pos and cfg.data.seq_len + r.max_tokens > max_pos:
+        p.append(f"rollout.max_tokens: prompts of up to data.seq_len={cfg.data.seq_len} tokens plus "
+                 f"{r.max_tokens} response tokens exceed model.pretrained's {max_pos} positions; "
+                 f"allowed: data.seq_len + rollout.max_tokens <= {max_pos}")
+    local = cfg.scaling.use_gpu is False or (cfg.scaling.use_gpu is None and not os.environ.get("RAY_ADDRESS"))
+    heads, hidden = getattr(conf, "num_attention_heads", 0), getattr(conf, "hidden_size", 0)
+    head = getattr(conf, "head_dim", None) or (hidden // heads if heads else 0)
+    if local and head not in VLLM_CPU_HEAD_SIZES:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.append(f"model.pretrained: head size {head} is not one vLLM's CPU engine runs "
+                     f"(allowed: {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); train a model with "
+                     "another hidden_size / num_heads, or run on GPUs (scaling.use_gpu=true)")
+
+
+def validate_rlhf(cfg):
+    """RL: prompts, the rollout engines, the reward and the algorithm; the rollout batch
+    must split evenly into minibatches and over every worker count allowed."""
+    p: List[str] = []
+    r, a = cfg.rollout, cfg.algorithm
+    check_post_data(cfg.data, p, "embedded:pydocs_instruct")
+    for key in ("engines", "prompts_per_iteration", "max_tokens", "cpus_per_engine", "sync_bucket_mb"):
+        _check(p, getattr(r, key) >= 1, f"rollout.{key}", ">= 1", getattr(r, key))
+    _check(p, r.n >= 2, "rollout.n", f">= 2 (the '{a.estimator}' estimator compares samples within a "
+           "prompt's group)", r.n)
+    _check(p, r.temperature > 0, "rollout.temperature", "> 0", r.temperature)
+    for key in ("kv_cache_gib", "start_timeout_s", "timeout_s", "sync_timeout_s"):
+        _check(p, getattr(r, key) > 0, f"rollout.{key}", "> 0", getattr(r, key))
+    _check(p, 0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]",
+           r.gpu_memory_utilization)
+    if r.sync_check_tol is not None:
+        _check(p, r.sync_check_tol > 0, "rollout.sync_check_tol", "> 0 or null", r.sync_check_tol)
+    _check(p, r.samples_every >= 0, "rollout.samples_every", ">= 0 (0: never)", r.samples_every)
+    _check(p, 0 < a.clip_low < 1, "algorithm.clip_low", "in (0, 1)", a.clip_low)
+    _check(p, a.clip_high > 0, "algorithm.clip_high", "> 0", a.clip_high)
+    if a.dual_clip is not None:
+        _check(p, a.dual_clip > 1, "algorithm.dual_clip", "> 1 or null", a.dual_clip)
+    for key in ("kl_coef", "entropy_coef"):
+        _check(p, getattr(a, key) >= 0, f"algorithm.{key}", ">= 0", getattr(a, key))
+    for key in ("epochs", "minibatches"):
+        _check(p, getattr(a, key) >= 1, f"algorithm.{key}", ">= 1", getattr(a, key))
+    _check(p, a.std_eps > 0, "algorithm.std_eps", "> 0", a.std_eps)
+    _check(p, a.tis_cap >= 1, "algorithm.tis_cap", ">= 1", a.tis_cap)
+    _check_rollout_split(cfg, p)
+    if cfg.reward.model not in (None, "auto") and not os.path.isdir(os.path.expanduser(cfg.reward.model)):
+        p.append(f"reward.model: directory '{cfg.reward.model}' does not exist; allowed: a reward-model "
+                 "export (jobs/reward.py's hf/), auto (the newest one) or null")
+    from tidal.rlhf.rewards import check_reward_config
+
+    p.extend(check_reward_config(cfg.reward))
+    _check_rollout_model(cfg, p)
+    return _done(cfg, validate_common(cfg, p, shard_batches=False))
+
+
+def _check_rollout_split(cfg, p: List[str]) -> None:
+    r, a = cfg.rollout, cfg.algorithm
+    seqs = r.prompts_per_iteration * r.n
+    if a.minibatches < 1 or seqs % a.minibatches:
+        p.append(f"algorithm.minibatches: {a.minibatches} does not divide the {seqs} sequences of an "
+                 f"iteration (rollout.prompts_per_iteration x rollout.n)")
+        return
+    try:
+        lo, hi = worker_bounds(cfg.scaling.workers)
+    except ValueError:
+        return
+    bad = [w for w in range(max(lo, 1), hi + 1) if (seqs // a.minibatches) % w]
+    if bad:
+        p.append(f"rollout.prompts_per_iteration: minibatches of {seqs // a.minibatches} sequences cannot "
+                 f"be split evenly over {', '.join(map(str, bad))} workers (scaling.workers="
+                 f"{cfg.scaling.workers}); make rollout.prompts_per_iteration x rollout.n / "
+                 "algorithm.minibatches a multiple of every worker count")
+
+
+def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     """Every out-of-range or inconsistent value in the sections all training stages share
-    (model, optim, schedule, scaling, logger, train, run), added to ``p``."""
+    (model, optim, schedule, scaling, logger, train, run), added to ``p``.
+    ``shard_batches``: the stage reads fixed-length samples whose global batch is
+    ``train.global_batch_tokens`` (not RL, whose batch is its rollout)."""
     from tidal.optim import OPTIMIZERS, SCHEDULES
 
     m, o, s, sc, t, r = cfg.model, cfg.optim, cfg.schedule, cfg.scaling, cfg.train, cfg.run
@@ -364,7 +462,7 @@ def validate_common(cfg, p: List[str]) -> List[str]:
     _check(p, t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only at the end)",
            t.checkpoint_every)
     _check(p, t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
-    if t.global_batch_tokens >= 1 and cfg.data.seq_len >= 8:
+    if shard_batches and t.global_batch_tokens >= 1 and cfg.data.seq_len >= 8:
         if t.global_batch_tokens % cfg.data.seq_len:
             p.append(f"train.global_batch_tokens: {t.global_batch_tokens} must be a multiple of "
                      f"data.seq_len={cfg.data.seq_len}")

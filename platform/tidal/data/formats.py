@@ -11,6 +11,9 @@ Preference data becomes ``{"prompt": [turns], "chosen": str, "rejected": str}`` 
 - HH-RLHF transcripts (``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` in ``chosen`` and
   ``rejected``): the shared turns are the prompt, the differing last replies the responses.
 
+Prompts for RL (``tidal.rlhf.prompts``) reuse the same checks: ``alpaca_prompt`` (an
+Alpaca record's user turn) and ``opening_turns`` (a conversation without its reply).
+
 Each parser returns ``(value, None)`` or ``(None, reason)``: a malformed record is counted
 and set aside with its reason, never fatal.
 """
@@ -35,15 +38,12 @@ def instruction_example(rec) -> Tuple[Optional[Turns], Optional[str]]:
     if "messages" in rec:
         return check_turns(rec["messages"])
     if "instruction" in rec or "output" in rec:
-        instr, out = _text(rec, "instruction"), _text(rec, "output")
-        if instr is None or not instr.strip():
-            return None, "missing or empty 'instruction'"
+        user, why = alpaca_prompt(rec)
+        out = _text(rec, "output")
+        if user is None:
+            return None, why
         if out is None or not out.strip():
             return None, "missing or empty 'output'"
-        extra = rec.get("input", "")
-        if extra is not None and not isinstance(extra, str):
-            return None, "'input' is not a string"
-        user = instr.strip() + ("\n\n" + extra.strip() if extra and extra.strip() else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": out.strip()}], None
     if "prompt" in rec:
         prompt = _text(rec, "prompt")
@@ -54,6 +54,27 @@ def instruction_example(rec) -> Tuple[Optional[Turns], Optional[str]]:
             return None, "missing or empty 'completion'"
         return [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": out.strip()}], None
     return None, "no instruction/output, prompt/completion or messages fields"
+
+
+def alpaca_prompt(rec: Dict) -> Tuple[Optional[str], Optional[str]]:
+    """The user turn of an Alpaca record: ``instruction``, then ``input`` when not empty."""
+    instr = _text(rec, "instruction")
+    if instr is None or not instr.strip():
+        return None, "missing or empty 'instruction'"
+    extra = rec.get("input", "")
+    if extra is not None and not isinstance(extra, str):
+        return None, "'input' is not a string"
+    return instr.strip() + ("\n\n" + extra.strip() if extra and extra.strip() else ""), None
+
+
+def opening_turns(turns) -> Tuple[Optional[Turns], Optional[str]]:
+    """Turns that open a conversation (a prompt), checked as ``check_turns`` checks a whole
+    one (roles, a system turn first only, a user turn, no empty assistant turn) but without
+    the final reply."""
+    if not isinstance(turns, list) or not turns:
+        return None, "the prompt is not a non-empty list of turns"
+    checked, why = check_turns(list(turns) + [{"role": "assistant", "content": "x"}])
+    return (checked[:-1], None) if checked else (None, why)
 
 
 def check_turns(messages) -> Tuple[Optional[Turns], Optional[str]]:
@@ -105,9 +126,7 @@ def preference_example(rec) -> Tuple[Optional[Dict], Optional[str]]:
         if isinstance(prompt, str):
             turns = [{"role": "user", "content": prompt.strip()}] if prompt.strip() else None
         else:
-            turns, _ = check_turns(list(prompt) + [{"role": "assistant", "content": "x"}]) \
-                if isinstance(prompt, list) else (None, None)
-            turns = turns[:-1] if turns else None
+            turns = opening_turns(prompt)[0]
         if not turns:
             return None, "'prompt' is empty or not a string / list of turns"
         if not chosen.strip() or not rejected.strip():

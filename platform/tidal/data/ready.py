@@ -45,15 +45,24 @@ def _stale(manifest: Dict, data_cfg, data_dir: str, log, resuming: Optional[str]
     return bool(stale)
 
 
+# post-training data kinds: the module that prepares each (its ``data_key``) and the function
+POST_KINDS = {"sft": ("tidal.data.sft", "prepare_sft"), "pairs": ("tidal.data.pairs", "prepare_pairs"),
+              "prompts": ("tidal.rlhf.prompts", "prepare_prompts")}
+
+
 def ensure_post_data(cfg, root: str, kind: str, log=print,
                      resuming: Optional[str] = None) -> tuple[str, Dict]:
-    """SFT (``kind="sft"``) or preference-pair (``"pairs"``) shards for ``cfg.data``,
-    tokenized with ``cfg.model.pretrained``'s tokenizer and chat template."""
-    from tidal.data import pairs as pair_data
-    from tidal.data import sft as sft_data
+    """SFT (``kind="sft"``) or preference-pair (``"pairs"``) shards, or RL prompts
+    (``"prompts"``), for ``cfg.data``, tokenized with ``cfg.model.pretrained``'s tokenizer
+    and chat template."""
+    import importlib
+
     from tidal.data.tokenizer import tokenizer_hash
 
-    mod, prep = (sft_data, sft_data.prepare_sft) if kind == "sft" else (pair_data, pair_data.prepare_pairs)
+    if kind not in POST_KINDS:
+        raise ValueError(f"data kind {kind!r} is not one of {', '.join(POST_KINDS)}")
+    mod = importlib.import_module(POST_KINDS[kind][0])
+    prep = getattr(mod, POST_KINDS[kind][1])
     tok_src = cfg.model.pretrained
     key = f"{mod.data_key(cfg.data)}-{tokenizer_hash(tok_src)[:8]}"
     data_dir = cfg.data.output_dir or tio.join(root, "data", f"{cfg.data.name}-{key}")

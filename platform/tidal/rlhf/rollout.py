@@ -111,15 +111,18 @@ class RolloutEngine:
             self.staged.append((name, t))
         return len(names)
 
-    def commit(self, version: int) -> Dict:
-        """Apply the staged weights as ``version``; returns the digest of what arrived."""
+    def commit(self, version: int, drill_skip_apply: bool = False) -> Dict:
+        """Apply the staged weights as ``version``; returns the digest of what arrived.
+        ``drill_skip_apply``: a fault drill, the sync that silently changes nothing (the
+        parity check after the sync must catch it)."""
         if self.pending != version:
             raise WeightSyncError(f"engine {self.index}: commit of version {version}, "
                                   f"but the sync in progress is {self.pending}")
         names = [n for n, _ in self.staged]
         tensors = [t for _, t in self.staged]
         t0 = time.time()
-        self.llm.collective_rpc("tidal_load_weights", args=(names, tensors))
+        if not drill_skip_apply:
+            self.llm.collective_rpc("tidal_load_weights", args=(names, tensors))
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         self.llm.llm_engine.set_weight_version(str(version))
         digest = self.hasher.hexdigest()
@@ -233,7 +236,7 @@ class EngineGroup:
     def probe(self, ids: List[int]) -> List[List[float]]:
         return _wait([a.probe.remote(ids) for a in self.actors], self.sync_timeout_s, "parity probe")
 
-    def sync(self, named_tensors, version: int) -> Dict:
+    def sync(self, named_tensors, version: int, drill_skip_apply: bool = False) -> Dict:
         """Stream ``(name, tensor)`` pairs (CPU tensors, HF names) to every engine in
         buckets of at most ``bucket_bytes``, then commit ``version`` and compare each
         engine's digest with the sender's. Returns bytes, tensors and seconds."""
@@ -265,7 +268,7 @@ class EngineGroup:
             count += 1
         flush()
         _wait(pending, left(), f"weight sync (version {version}, sending)")
-        results = _wait([a.commit.remote(version) for a in self.actors], left(),
+        results = _wait([a.commit.remote(version, drill_skip_apply) for a in self.actors], left(),
                         f"weight sync (version {version}, applying)")
         want = hasher.hexdigest()
         bad = [i for i, r in enumerate(results) if r["digest"] != want]

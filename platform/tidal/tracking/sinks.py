@@ -114,6 +114,19 @@ class EventLog:
             f.flush()
 
 
+class SampleLog(EventLog):
+    """``samples.jsonl`` of an RL run: one line per generated sample the learner sent
+    (every ``rollout.samples_every`` iterations): iteration, prompt, completion, reward
+    and its parts."""
+
+    def __init__(self, run_dir: str, log=print):
+        super().__init__(os.path.join(run_dir, "samples.jsonl"), log)
+
+    def add(self, rec: Dict) -> None:
+        for sample in rec.get("samples", []):
+            super().add({"iteration": rec.get("iteration"), **sample})
+
+
 def wandb_mode(cfg: LoggerConfig) -> str:
     if not cfg.wandb or cfg.wandb_mode == "disabled":
         return "disabled"

@@ -32,7 +32,8 @@ class DivergenceGuard:
             return f"non-finite gradient norm ({grad_norm})"
         if len(self.losses) >= c.min_history:
             med = statistics.median(self.losses)
-            if c.loss_spike_factor > 0 and loss > c.loss_spike_factor * med:
+            # a ratio to the median means something only for a positive loss (not a policy loss)
+            if c.loss_spike_factor > 0 and med > 0 and loss > c.loss_spike_factor * med:
                 return f"loss spike: {loss:.4g} > {c.loss_spike_factor:g} x running median {med:.4g}"
             gmed = statistics.median(self.grads)
             if c.grad_spike_factor > 0 and gmed > 0 and grad_norm > c.grad_spike_factor * gmed:

@@ -22,7 +22,7 @@ from tidal.data import io as tio
 from tidal.data.prepare import manifest_hash
 from tidal.tracking import plots, run_card
 from tidal.config.redact import redact
-from tidal.tracking.sinks import EventLog, MetricsLog, Progress, WandbSink
+from tidal.tracking.sinks import EventLog, MetricsLog, Progress, SampleLog, WandbSink
 from tidal.train import integrity
 from tidal.train import lease as run_lease
 from tidal.train.resources import ensure_placeable, init_ray  # noqa: F401 - init_ray: public here too
@@ -126,7 +126,7 @@ def _use_gpu(cfg: PretrainConfig) -> bool:
 
 def _poll(hub, log: MetricsLog, wandb: WandbSink, bar: Progress, stop: threading.Event,
           events: list, event_log: EventLog, on_record: Optional[Callable[[Dict], None]] = None,
-          cancel: Optional[threading.Event] = None) -> None:
+          cancel: Optional[threading.Event] = None, samples=None) -> None:
     import ray
 
     forwarded = False
@@ -138,6 +138,9 @@ def _poll(hub, log: MetricsLog, wandb: WandbSink, bar: Progress, stop: threading
         for rec in ray.get(hub.drain.remote()):
             if on_record is not None:
                 on_record(rec)
+            if rec.get("event") == "samples" and samples is not None:
+                samples.add(rec)  # RL generations: samples.jsonl, not the event log
+                continue
             if "event" in rec:
                 events.append(rec)
                 event_log.add(rec)
@@ -266,7 +269,8 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
     resume = check_resume(cfg, run_storage, log)  # before any Ray work
     if resume:
         log(f"resuming from {resume}")
-    init_ray()
+    lo, _ = worker_bounds(cfg.scaling.workers)
+    init_ray(min_cpus=lo * cfg.scaling.cpus_per_worker + stage.service_cpus(cfg))
     use_gpu = _use_gpu(cfg)
     ensure_placeable(cfg, use_gpu, log)
     # Prepared data sits beside the checkpoints, so that every node reaches it when the
@@ -278,15 +282,16 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     hub = MetricsHub.remote()
+    services, close_services = stage.start_services(cfg, manifest, use_gpu, log)
     trainer = _trainer(cfg, stage, hub, use_gpu, storage, run_storage, data_dir, manifest,
-                       export_dir, adapter_dir)
+                       export_dir, adapter_dir, services)
     metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), log)
     event_log = EventLog(os.path.join(run_dir, "events.jsonl"), log)
     wandb = WandbSink(cfg.logger, cfg.run.name, run_dir, config)
     bar = Progress(cfg.train.max_steps, cfg.logger.progress, every=cfg.logger.progress_every)
     stop, events = threading.Event(), []
     poller = threading.Thread(target=_poll, args=(hub, metrics_log, wandb, bar, stop, events, event_log,
-                                                  on_record, cancel), daemon=True)
+                                                  on_record, cancel, SampleLog(run_dir)), daemon=True)
     poller.start()
     t0 = time.time()
     result = None
@@ -295,6 +300,7 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
     finally:
         stop.set()
         poller.join(timeout=30)
+        close_services()
         bar.close()
         summary = summarize(metrics_log, result, export_dir, run_dir)
         if adapter_dir:
@@ -311,21 +317,19 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
 
 
 def _trainer(cfg, stage, hub, use_gpu: bool, storage: str, run_storage: str, data_dir: str,
-             manifest: Dict, export_dir: Optional[str], adapter_dir: Optional[str]):
-    """Ray Train's TorchTrainer for the run: the shard loop on every worker."""
+             manifest: Dict, export_dir: Optional[str], adapter_dir: Optional[str], services: Dict):
+    """Ray Train's TorchTrainer for the run: the stage's loop on every worker."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tidal.train.loop import train_loop_per_worker
-
     return TorchTrainer(
-        train_loop_per_worker,
+        stage.loop,
         train_loop_config={"cfg": cfg, "data_dir": data_dir, "hub": hub, "use_gpu": use_gpu,
                            "export_dir": export_dir, "adapter_dir": adapter_dir,
                            "manifest_hash": manifest_hash(manifest),
                            "run_storage": run_storage, "stage": stage.name,
                            "signed": integrity.signing_key() is not None,
-                           "reference_digest": _reference_digest(cfg, stage.name)},
+                           "reference_digest": _reference_digest(cfg, stage.name), **services},
         scaling_config=scaling_config(cfg, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(

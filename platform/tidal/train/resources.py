@@ -25,9 +25,11 @@ def started_locally() -> bool:
     return _REAPER is not None or os.environ.get("TIDAL_LOCAL_RAY") == "1"
 
 
-def init_ray() -> None:
+def init_ray(min_cpus: float = 0) -> None:
     """Join ``RAY_ADDRESS`` when set (a cluster, or a ``ray job submit`` job), else start a
-    local runtime that ends with this driver, however the driver ends."""
+    local runtime that ends with this driver, however the driver ends. A local runtime
+    offers at least ``min_cpus`` logical CPUs (an RL run's learners, rollout engines and
+    reward actors take turns on a laptop's cores rather than all at once)."""
     import ray
 
     if ray.is_initialized():
@@ -39,7 +41,9 @@ def init_ray() -> None:
 
         runtime_env = {"py_modules": [os.path.dirname(tidal.__file__)]}
     address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, log_to_driver=True, logging_level="WARNING", runtime_env=runtime_env)
+    cpus = None if address or min_cpus <= (os.cpu_count() or 1) else int(-(-min_cpus // 1))
+    ray.init(address=address, log_to_driver=True, logging_level="WARNING", runtime_env=runtime_env,
+             num_cpus=cpus)
     if address is None:
         _watch_local_runtime()
 

@@ -19,7 +19,7 @@ Fault tolerance lives here:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -162,8 +162,13 @@ class WorkerContext:
         if self.hub is not None and self.rank == 0:
             self.hub.push.remote(record)
 
-    def attach(self, engine, source, meta: Dict, tok_dir: Optional[str]) -> None:
+    def attach(self, engine, source, meta: Dict, tok_dir: Optional[str],
+               count: Optional[Callable[[], int]] = None) -> None:
+        """``count``: the run's progress counter, which the cadences (logging,
+        checkpoints) and the driver's step column follow; optimizer steps by default (an RL
+        run counts iterations, each of which may hold several optimizer steps)."""
         self.engine, self.source, self.meta = engine, source, meta
+        self.count = count or (lambda: engine.step)
         self.saver = ckpt.Checkpointer(engine, self.run_dir, meta, tok_dir, self.injector, self.hub,
                                        states=lambda: {source.name: source.state_dict()})
         self.stop_watch = StopWatch(self.hub, self.rank, self.world, engine.device)
@@ -181,7 +186,7 @@ class WorkerContext:
         for s in chosen["skipped"]:
             self.emit({"event": "checkpoint_skipped", **s})
         e = self.engine
-        self.emit({"event": "start", "step": e.step, "world_size": self.world,
+        self.emit({"event": "start", "step": self.count(), "world_size": self.world,
                    "num_params": e.num_params, "grad_accum": e.grad_accum,
                    "trainable_params": e.trainable_params,
                    "restored": chosen["path"] is not None, "checkpoint": chosen["path"],
@@ -193,7 +198,7 @@ class WorkerContext:
         if not self.stop_watch():
             return False
         self.saver.wait()
-        self.emit({"event": "stopped", "step": self.engine.step,
+        self.emit({"event": "stopped", "step": self.count(),
                    "reason": "the driver asked the run to stop"})
         return True
 
@@ -220,11 +225,11 @@ class WorkerContext:
         self.guard.reset()
         self.emit({"event": "rollback", "step": nxt, "reason": metrics["anomaly"],
                    "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                   "to_step": self.engine.step, "checkpoint": path, **skipped})
+                   "to_step": self.count(), "checkpoint": path, **skipped})
         return True
 
     def report(self, metrics: Dict, last: bool) -> None:
-        step, every = self.engine.step, self.cfg.train.log_every
+        step, every = self.count(), self.cfg.train.log_every
         if step % every == 0 or last or "val_loss" in metrics:
             self.emit(metrics)
         elif self.hub is not None and self.rank == 0:
@@ -236,7 +241,7 @@ class WorkerContext:
         import ray.train
 
         self.saver.poll()
-        step, t, s = self.engine.step, self.cfg.train, self.cfg.scaling
+        step, t, s = self.count(), self.cfg.train, self.cfg.scaling
         due = last or (t.checkpoint_every and step % t.checkpoint_every == 0)
         if not due and s.preemption_check_every and step % s.preemption_check_every == 0:
             info = ray.train.get_preemption_info()  # a barrier: every rank asks together

@@ -1,0 +1,1 @@
+"""RLHF: rollout engines, rewards, advantages, weight sync, the RL learner loop."""

@@ -1,0 +1,265 @@
+"""RL algorithms as pure functions on tensors: advantage estimators, KL estimators, the
+clipped policy loss, loss aggregation, and rollout/learner mismatch corrections.
+
+Conventions shared by every function here:
+
+- A rollout batch holds ``N = P * G`` sequences: ``P`` prompts with ``G`` samples each
+  (``rollout.n``), grouped contiguously prompt-major, so prompt ``i``'s samples are rows
+  ``i*G .. i*G+G-1``. Per-sequence tensors are ``[N]``.
+- Per-token tensors are ``[N, L]`` and come with a bool ``mask`` ``[N, L]``, True on the
+  response tokens that count. Values at masked-out positions are never read: padding may
+  hold anything (even inf or NaN) without reaching a loss, a statistic or a gradient.
+- Losses and statistics are returned as ``(sum, weight)`` pairs of 0-d tensors, never as
+  means: the engine sums both over micro-batches and ranks and divides once per step, so
+  the result does not depend on how the batch was split (the stage contract in DESIGN.md).
+- Advantages are per sequence ``[N]``; the learner broadcasts them over the sequence's tokens.
+
+Nothing here knows about Ray, devices or process groups.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from tidal.registry import Registry
+
+Stat = Tuple[Tensor, Tensor]  # (sum, count), both 0-d, reduced by the engine like the loss
+
+ADVANTAGES = Registry("advantage estimator")
+KL_KINDS = ("k1", "k2", "k3")
+AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+IS_LEVELS = ("token", "sequence")
+# exp() of a log-ratio beyond this overflows float32/bf16; the bound only bites on samples
+# whose ratio is already absurd (e^20 ~ 5e8), where clipping/capping decides anyway
+LOG_RATIO_BOUND = 20.0
+
+
+# ---------------------------------------------------------------------------- advantages
+
+def _groups(rewards: Tensor, group_size: int) -> Tensor:
+    """``rewards`` ``[N]`` viewed as ``[P, G]``; refuses layouts that are not whole groups."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_size < 2:
+        # a group of one has no baseline: every group-relative advantage would be zero
+        raise ValueError(f"rollout.n (samples per prompt) must be >= 2 for group advantages, "
+                         f"got {group_size}")
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of rollout.n="
+                         f"{group_size} (samples of one prompt must be contiguous rows)")
+    if not rewards.is_floating_point():
+        rewards = rewards.double()
+    return rewards.view(-1, group_size)
+
+
+def _equal_rows(g: Tensor) -> Tensor:
+    """``[P]`` bool: groups whose rewards are all equal (no learning signal)."""
+    return g.amax(dim=1) == g.amin(dim=1)
+
+
+def _centered(g: Tensor) -> Tensor:
+    """``r - group mean``, exactly zero on equal groups: the float mean of equal values can
+    be 1 ulp off them (0.1 * 3 / 3 != 0.1), which would leak a spurious, and after std
+    normalisation large, advantage into a group that carries no signal."""
+    return torch.where(_equal_rows(g)[:, None], torch.zeros_like(g), g - g.mean(dim=1, keepdim=True))
+
+
+@ADVANTAGES.register("grpo")
+def _grpo(g: Tensor, eps: float) -> Tensor:
+    """GRPO (Shao et al. 2402.03300): ``(r - mean_g) / (std_g + eps)``, unbiased std (verl)."""
+    return _centered(g) / (g.std(dim=1, keepdim=True) + eps)
+
+
+@ADVANTAGES.register("dr_grpo")
+def _dr_grpo(g: Tensor, eps: float) -> Tensor:
+    """Dr.GRPO (Liu et al. 2503.20783): ``r - mean_g``; dividing by the std favours groups
+    that are nearly solved or nearly failed, so it is dropped."""
+    return _centered(g)
+
+
+@ADVANTAGES.register("rloo")
+def _rloo(g: Tensor, eps: float) -> Tensor:
+    """RLOO (Ahmadian et al. 2402.14740): ``r`` minus the mean of the other ``G-1`` rewards
+    of its group, so a sample's baseline does not depend on its own reward."""
+    k = g.shape[1]
+    others = (g.sum(dim=1, keepdim=True) - g) / (k - 1)
+    return torch.where(_equal_rows(g)[:, None], torch.zeros_like(g), g - others)
+
+
+@ADVANTAGES.register("reinforce_pp_baseline")
+def _reinforce_pp_baseline(g: Tensor, eps: float) -> Tensor:
+    """REINFORCE++-baseline (Hu 2501.03262): ``r - mean_g``, then whitened over the whole
+    batch. An all-equal batch gives ``0 / (0 + eps) = 0``, not NaN."""
+    a = _centered(g)
+    return (a - a.mean()) / (a.std() + eps)
+
+
+def compute_advantages(name: str, rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """Per-sequence advantages ``[N]`` from per-sequence rewards ``[N]`` with the estimator
+    ``name`` (a key of ``ADVANTAGES``: grpo, dr_grpo, rloo, reinforce_pp_baseline).
+
+    Rows are grouped prompt-major in groups of ``group_size`` (``rollout.n``); a group whose
+    rewards are all equal gets exactly zero advantage under every estimator."""
+    estimator = ADVANTAGES.get_or_raise(name)
+    g = _groups(rewards, group_size)
+    adv = estimator(g, eps)
+    # batch-level steps (whitening) may shift the zeros of equal groups; pin them again
+    adv = torch.where(_equal_rows(g)[:, None], torch.zeros_like(adv), adv)
+    return adv.reshape(-1)
+
+
+def equal_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """``[N]`` bool: True on samples whose group's rewards are all equal (all right or all
+    wrong), which DAPO's dynamic sampling drops since their advantage is zero."""
+    g = _groups(rewards, group_size)
+    return _equal_rows(g)[:, None].expand_as(g).reshape(-1)
+
+
+# ---------------------------------------------------------------------------- KL
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
+    """Per-token estimate of ``KL(pi || ref)`` from tokens sampled from ``pi`` (Schulman's
+    estimators): ``k1 = logp - ref_logp`` (unbiased, high variance, can be negative);
+    ``k2 = (logp - ref_logp)^2 / 2``; ``k3 = exp(ref - logp) - 1 - (ref - logp)`` (unbiased,
+    >= 0, low variance; verl's ``low_var_kl``). Gradients flow through ``logp``; the
+    gradient of k3 with respect to ``logp`` is ``1 - exp(ref - logp)``."""
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    if kind == "k3":
+        log_ratio = (ref_logp - logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        return torch.exp(log_ratio) - 1 - log_ratio
+    raise ValueError(f"unknown KL estimator '{kind}'; allowed: {', '.join(KL_KINDS)}")
+
+
+# ---------------------------------------------------------------------------- aggregation
+
+def aggregate(values: Tensor, mask: Tensor, agg: str, max_len: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Reduce per-token ``values`` ``[N, L]`` over ``mask`` to ``(sum, weight)``; the
+    objective is ``sum / weight`` taken over the whole step (all micro-batches and ranks).
+
+    - ``token_mean``: (sum of masked values, number of masked tokens): every token counts
+      the same (DAPO);
+    - ``seq_mean_token_mean``: (sum of each sequence's token mean, number of sequences with
+      at least one masked token): every sequence counts the same (GRPO);
+    - ``seq_mean_token_sum_norm``: (sum over sequences of token sum / ``max_len``, number of
+      sequences with a masked token): Dr.GRPO, no length bias. ``max_len`` is the rollout's
+      maximum response length, a constant: the padded width of a micro-batch varies with
+      its contents, so it would make the loss depend on the batch split.
+    """
+    if values.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ in shape")
+    mask = mask.bool()
+    values = _wide(values)
+    # where, not multiply: garbage (inf/NaN) at padding must not reach the sum
+    masked = torch.where(mask, values, torch.zeros_like(values))
+    dtype = values.dtype
+    if agg == "token_mean":
+        return masked.sum(), mask.sum().to(dtype)
+    counts = mask.sum(dim=-1)
+    live = (counts > 0).sum().to(dtype)
+    if agg == "seq_mean_token_mean":
+        return (masked.sum(dim=-1) / counts.clamp(min=1)).sum(), live
+    if agg == "seq_mean_token_sum_norm":
+        if max_len is None or max_len <= 0:
+            raise ValueError(f"seq_mean_token_sum_norm needs max_len > 0 (the rollout's maximum "
+                             f"response length), got {max_len}")
+        return masked.sum() / max_len, live
+    raise ValueError(f"unknown loss aggregation '{agg}'; allowed: {', '.join(AGGS)}")
+
+
+def _wide(values: Tensor) -> Tensor:
+    """``values`` in at least float32: bf16 counts tokens exactly only up to 256, and its
+    sums over a batch lose most of their digits."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
+def _masked_stat(values: Tensor, mask: Tensor) -> Stat:
+    """``(sum over masked tokens, count)``, detached: a statistic, not a loss term."""
+    values = _wide(values.detach())
+    return (torch.where(mask, values, torch.zeros_like(values)).sum(),
+            mask.sum().to(values.dtype))
+
+
+# ---------------------------------------------------------------------------- policy loss
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                clip_low: float, clip_high: float, dual_clip: Optional[float] = None,
+                agg: str = "token_mean", max_len: Optional[int] = None,
+                is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Dict[str, Stat]]:
+    """PPO's clipped surrogate per token, aggregated to ``(loss_sum, weight, stats)``.
+
+    ``ratio = exp(logp - old_logp)``; per-token loss
+    ``max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))`` (asymmetric bounds
+    give DAPO's clip-higher). With ``dual_clip = c > 1`` the loss of tokens with ``A < 0`` is
+    capped at ``-A * c`` (Ye et al. 1912.09729), so one very unlikely old token cannot
+    dominate. ``is_weights`` (detached, ``[N, L]``), e.g. from :func:`truncated_is`,
+    multiply the per-token loss. All per-token tensors are ``[N, L]`` aligned with ``mask``.
+
+    ``stats`` (detached ``(sum, count)`` pairs over masked tokens): ``clip_frac`` (the
+    clipped branch is active, so the token gives no gradient), ``dual_clip_frac`` (the dual
+    bound is active; always present so every micro-batch reports the same keys) and
+    ``ratio`` (the mean importance ratio)."""
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1 (a multiple of |A|), got {dual_clip}")
+    mask = mask.bool()
+    # zero the log-ratio at padding before exp: exp(garbage) = inf would turn the masked-out
+    # branch's zero gradient into 0 * inf = NaN
+    log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    dual_active = torch.zeros_like(mask)
+    if dual_clip is not None:
+        bound = -advantages * dual_clip
+        dual_active = (advantages < 0) & (bound < loss)
+        loss = torch.where(dual_active, bound, loss)
+    if is_weights is not None:
+        loss = loss * is_weights.detach()
+    loss_sum, weight = aggregate(loss, mask, agg, max_len)
+    stats = {"clip_frac": _masked_stat((clipped > unclipped).to(logp.dtype), mask),
+             "dual_clip_frac": _masked_stat(dual_active.to(logp.dtype), mask),
+             "ratio": _masked_stat(ratio, mask)}
+    return loss_sum, weight, stats
+
+
+# ---------------------------------------------------------------------------- rollout mismatch
+
+def truncated_is(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, level: str, cap: float) -> Tensor:
+    """Truncated importance weights ``[N, L]`` (detached) correcting for the rollout engine
+    sampling from a slightly different distribution than the learner's (kernels, precision,
+    stale weights). ``token``: ``min(exp(old - rollout), cap)`` per token; ``sequence``:
+    ``min(exp(sum over the sequence's masked tokens of (old - rollout)), cap)``, the same
+    for all its tokens. Masked-out positions get 1."""
+    if level not in IS_LEVELS:
+        raise ValueError(f"unknown importance-sampling level '{level}'; allowed: {', '.join(IS_LEVELS)}")
+    if not cap > 0:
+        raise ValueError(f"truncated IS cap must be > 0, got {cap}")
+    mask = mask.bool()
+    with torch.no_grad():
+        diff = torch.where(mask, old_logp - rollout_logp, torch.zeros_like(old_logp))
+        if level == "sequence":
+            diff = diff.sum(dim=-1, keepdim=True).expand_as(diff)
+        w = torch.exp(diff).clamp(max=cap)
+        return torch.where(mask, w, torch.ones_like(w))
+
+
+def logp_gap(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> Dict[str, Stat]:
+    """How far the rollout engine's log-probs are from the learner's on the same tokens,
+    as ``(sum, count)`` statistics per masked token: ``logp_gap_abs`` (mean ``|old -
+    rollout|``) and ``logp_gap_kl`` (k3 estimate of ``KL(rollout || learner)``: the tokens
+    were sampled by the rollout engine). Both should be ~0 when the two agree."""
+    mask = mask.bool()
+    old, rollout = old_logp.detach(), rollout_logp.detach()
+    return {"logp_gap_abs": _masked_stat((old - rollout).abs(), mask),
+            "logp_gap_kl": _masked_stat(kl_penalty(rollout, old, "k3"), mask)}
+
+
+__all__ = ["ADVANTAGES", "AGGS", "IS_LEVELS", "KL_KINDS", "aggregate", "compute_advantages",
+           "equal_groups", "kl_penalty", "logp_gap", "policy_loss", "truncated_is"]

@@ -1,0 +1,43 @@
+"""The RL graph's long-lived parts, started by the job's driver before the learners:
+the vLLM rollout engines (Ray actors that outlive a learner restart) and the reward
+model's location. The learner group (Ray Train) receives their handles."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Tuple
+
+from tidal.rlhf.rollout import EngineSettings, start_engines
+
+
+def engine_settings(cfg, manifest: Dict, use_gpu: bool) -> EngineSettings:
+    from tidal.parallel import resolve_precision
+
+    precision = resolve_precision(cfg.scaling.precision, "cuda" if use_gpu else "cpu")
+    r = cfg.rollout
+    return EngineSettings(model_dir=cfg.model.pretrained, dtype="float32" if precision == "fp32" else "bfloat16",
+                          max_model_len=cfg.data.seq_len + r.max_tokens, seed=cfg.train.seed, use_gpu=use_gpu,
+                          kv_cache_bytes=int(r.kv_cache_gib * (1 << 30)),
+                          gpu_memory_utilization=r.gpu_memory_utilization,
+                          eos_id=manifest["tokenizer"]["eos_token_id"])
+
+
+def start(cfg, manifest: Dict, use_gpu: bool, log=print) -> Tuple[Dict, Callable[[], None]]:
+    """``(train_loop_config additions, close)``: the engines started and ready."""
+    import ray
+
+    r = cfg.rollout
+    t0 = time.time()
+    log(f"starting {r.engines} rollout engine(s) (vLLM, {'GPU' if use_gpu else 'CPU'})")
+    actors = start_engines(engine_settings(cfg, manifest, use_gpu), r.engines, r.cpus_per_engine,
+                           1 if use_gpu else 0, r.start_timeout_s)
+    log(f"rollout engines ready in {time.time() - t0:.0f} s")
+
+    def close() -> None:
+        for a in actors:
+            try:
+                ray.get(a.shutdown.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - gone already
+                pass
+            ray.kill(a)
+
+    return {"engines": actors, "reward_model": cfg.reward.model}, close

@@ -1,0 +1,248 @@
+"""The RL learner's batch source: rollouts instead of a shard cursor.
+
+Each iteration takes the next ``rollout.prompts_per_iteration`` prompts of a stream whose
+order is a pure function of (seed, epoch), asks the rollout engines for ``rollout.n``
+samples of each (seeded by run seed, iteration, prompt position and sample index), scores
+them, and turns them into micro-batches of named tensors for the policy objective. Rank 0
+talks to the engines and the rewards (:class:`RolloutDriver`) and broadcasts the rollout;
+every rank then computes the log-probs of its own rows (the learner's, before this
+iteration's updates, and the reference's), and the advantages, which are a function of the
+rewards alone and so identical everywhere.
+
+Its checkpointed state is the iteration (and iterations skipped after a divergence): a
+restarted run regenerates the same rollout from the same seeds.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from tidal.objectives.batch import Batch
+from tidal.objectives.logprobs import IGNORE, model_token_logprobs
+from tidal.parallel import collectives as C
+from tidal.rlhf import algorithms as A
+from tidal.rlhf.rollout import sample_seed
+
+VAL_ITERATION = -1  # the seed slot of held-out generations: the same samples at every evaluation
+
+
+class RolloutDriver:
+    """Rank 0's side of an iteration: generate on the engines, decode, score."""
+
+    def __init__(self, cfg, group, scorer, tokenizer):
+        self.cfg, self.group, self.scorer, self.tok = cfg, group, scorer, tokenizer
+        self.pool = None  # the reward model's actors, when there is one
+
+    def rollout(self, prompts: List[Dict], positions: List[int], iteration: int, n: int) -> Dict:
+        r = self.cfg.rollout
+        seeds = [[sample_seed(self.cfg.train.seed, iteration, p, s) for s in range(n)] for p in positions]
+        t0 = time.time()
+        out = self.group.generate([p["ids"] for p in prompts], seeds, r.max_tokens, r.temperature)
+        gen_s = time.time() - t0
+        samples = [(i, s) for i, row in enumerate(out) for s in row]
+        completions = [self.tok.decode(s["ids"], skip_special_tokens=True) for _, s in samples]
+        t1 = time.time()
+        res = self.scorer.score([prompts[i]["text"] for i, _ in samples], completions,
+                                [s["ids"] for _, s in samples], [prompts[i]["meta"] for i, _ in samples],
+                                sequences=[prompts[i]["ids"] + s["ids"] for i, s in samples])
+        return {"owner": [i for i, _ in samples], "responses": [s["ids"] for _, s in samples],
+                "logps": [s["logps"] for _, s in samples], "truncated": [s["truncated"] for _, s in samples],
+                "versions": [s["version"] for _, s in samples], "completions": completions,
+                "rewards": res.total.tolist(), "dropped": res.dropped.tolist(),
+                "parts": {k: v.tolist() for k, v in res.parts.items()}, "errors": dict(res.errors),
+                "gen_s": gen_s, "score_s": time.time() - t1}
+
+
+class RolloutSource:
+    name = "source"
+
+    def __init__(self, cfg, prompts: List[Dict], val_prompts: List[Dict], rank: int, world: int,
+                 device: torch.device, pad_id: int, driver: Optional[RolloutDriver] = None):
+        self.cfg, self.prompts, self.val_prompts = cfg, prompts, val_prompts
+        self.rank, self.world, self.device, self.pad = rank, world, device, pad_id
+        self.driver = driver
+        self.iteration = 0
+        self.skipped: List[List[int]] = []
+        self.rows: List[Dict] = []  # this rank's rows of the current rollout, by minibatch
+        self.minibatch = 0
+
+    # -- the prompt stream -------------------------------------------------------------
+    def positions(self, iteration: int) -> List[int]:
+        p = self.cfg.rollout.prompts_per_iteration
+        return list(range(iteration * p, (iteration + 1) * p))
+
+    def prompt_at(self, position: int) -> Dict:
+        n = len(self.prompts)
+        epoch, k = divmod(position, n)
+        order = np.random.default_rng([self.cfg.data.seed, epoch]).permutation(n)
+        return self.prompts[int(order[k])]
+
+    # -- BatchSource -------------------------------------------------------------------
+    def batches(self, rank: int, world: int, micro: int) -> List[Batch]:
+        rows = self.rows[self.minibatch]
+        return [self.make_batch(rows[i:i + micro]) for i in range(0, len(rows), micro)]
+
+    def advance(self) -> None:
+        self.iteration += 1
+        self.rows, self.minibatch = [], 0
+
+    def skip_failed(self, before: Dict) -> Dict:
+        self.skipped = [list(w) for w in before["skipped"]]
+        window = [self.iteration, before["iteration"] + 1]
+        self.skipped.append(window)
+        self.iteration, self.rows, self.minibatch = window[1], [], 0
+        p = self.cfg.rollout.prompts_per_iteration
+        return {"skipped_samples": [window[0] * p, window[1] * p], "skipped_batches": window[1] - window[0]}
+
+    def state_dict(self) -> Dict:
+        return {"iteration": self.iteration, "skipped": [list(w) for w in self.skipped]}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.iteration = int(state["iteration"])
+        self.skipped = [list(w) for w in state.get("skipped", [])]
+        self.rows, self.minibatch = [], 0
+
+    # -- one iteration's rollout -----------------------------------------------------------
+    def my_rows(self, n_seqs: int) -> List[List[int]]:
+        """This rank's row indices per minibatch: each minibatch split evenly over ranks."""
+        m = self.cfg.algorithm.minibatches
+        size = n_seqs // m
+        share = size // self.world
+        return [list(range(b * size + self.rank * share, b * size + (self.rank + 1) * share)) for b in range(m)]
+
+    def collect(self, engine, reference) -> Dict:
+        """Generate, score and prepare this iteration's rows; returns the rollout metrics."""
+        cfg, n = self.cfg, self.cfg.rollout.n
+        payload = None
+        if self.rank == 0:
+            positions = self.positions(self.iteration)
+            prompts = [self.prompt_at(p) for p in positions]
+            payload = self.driver.rollout(prompts, positions, self.iteration, n)
+            payload["prompt_ids"] = [prompts[i]["ids"] for i in payload["owner"]]
+            payload["prompt_text"] = [prompts[i]["text"] for i in payload["owner"]]
+        payload = C.broadcast(payload, self.world)
+        t0 = time.time()
+        rows = [{"prompt": payload["prompt_ids"][i], "response": payload["responses"][i],
+                 "rollout_logp": payload["logps"][i], "index": i} for i in range(len(payload["responses"]))]
+        plan = self.my_rows(len(rows))
+        mine = [rows[i] for part in plan for i in part]
+        self._learner_logps(engine, reference, mine)
+        rewards = torch.tensor(payload["rewards"], dtype=torch.float64)
+        if cfg.algorithm.kl_coef > 0 and cfg.algorithm.kl_in_reward:
+            k1 = torch.zeros(len(rows), dtype=torch.float64)
+            for r in mine:
+                k1[r["index"]] = float(A.kl_penalty(r["old_logp"], r["ref_logp"], "k1").sum())
+            rewards = rewards - cfg.algorithm.kl_coef * C.all_sum(k1, self.world)
+        adv = A.compute_advantages(cfg.algorithm.estimator, rewards, n, cfg.algorithm.std_eps)
+        keep = ~torch.tensor(payload["dropped"], dtype=torch.bool)
+        if cfg.algorithm.drop_equal_groups:
+            keep &= ~A.equal_groups(torch.tensor(payload["rewards"]), n)
+        for r in mine:
+            r["advantage"], r["keep"] = float(adv[r["index"]]), bool(keep[r["index"]])
+        self.rows = [[rows[i] for i in part] for part in plan]
+        self.minibatch = 0
+        out = self._metrics(payload, adv, keep, mine)
+        out["logp_s"] = time.time() - t0
+        out["_samples"] = payload
+        return out
+
+    @torch.no_grad()
+    def _learner_logps(self, engine, reference, rows: List[Dict]) -> None:
+        """Per row: the policy's log-probs of its response before any update (``old_logp``)
+        and the reference's (``ref_logp``), computed in micro-batches on this rank."""
+        micro = self.cfg.train.micro_batch_size
+        model = engine.model
+        was = model.training
+        model.eval()
+        try:
+            for i in range(0, len(rows), micro):
+                chunk = rows[i:i + micro]
+                batch = self.make_batch(chunk, fields=False)
+                old, _ = model_token_logprobs(model, batch["targets"], input_ids=batch["input_ids"], use_cache=False)
+                ref = None
+                if reference is not None:
+                    ref, _ = model_token_logprobs(reference, batch["targets"], input_ids=batch["input_ids"],
+                                                  use_cache=False)
+                for j, r in enumerate(chunk):
+                    start, length = len(r["prompt"]) - 1, len(r["response"])
+                    r["old_logp"] = old[j, start:start + length].float().cpu()
+                    r["ref_logp"] = None if ref is None else ref[j, start:start + length].float().cpu()
+        finally:
+            model.train(was)
+
+    def make_batch(self, rows: List[Dict], fields: bool = True) -> Batch:
+        """Prompt + response per row, right-padded; targets on the response tokens only;
+        the per-token fields of the policy objective at the positions that predict them."""
+        width = max(len(r["prompt"]) + len(r["response"]) for r in rows)
+        n = len(rows)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        targets = torch.full((n, width), IGNORE, dtype=torch.long)
+        names = ("old_logp", "ref_logp", "rollout_logp", "advantages", "is_weights") if fields else ()
+        floats = {k: torch.zeros(n, width, dtype=torch.float32) for k in names}
+        tokens = 0
+        for j, r in enumerate(rows):
+            p, resp = r["prompt"], r["response"]
+            seq = p + resp
+            ids[j, :len(seq)] = torch.tensor(seq)
+            tokens += len(seq)
+            if not resp or (fields and not r.get("keep", True)):
+                continue
+            s, e = len(p) - 1, len(p) - 1 + len(resp)
+            targets[j, s:e] = torch.tensor(resp)
+            if fields:
+                floats["old_logp"][j, s:e] = r["old_logp"]
+                floats["rollout_logp"][j, s:e] = torch.tensor(r["rollout_logp"])
+                floats["advantages"][j, s:e] = r["advantage"]
+                if r["ref_logp"] is not None:
+                    floats["ref_logp"][j, s:e] = r["ref_logp"]
+        batch = {"input_ids": ids, "targets": targets, "tokens": torch.tensor(tokens)}
+        batch["loss_mask"] = targets != IGNORE
+        if fields:
+            alg = self.cfg.algorithm
+            if alg.tis != "off":
+                floats["is_weights"] = A.truncated_is(floats["old_logp"], floats["rollout_logp"],
+                                                      batch["loss_mask"], alg.tis, alg.tis_cap)
+            else:
+                del floats["is_weights"]
+            batch.update(floats)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _metrics(self, payload: Dict, adv: torch.Tensor, keep: torch.Tensor, mine: List[Dict]) -> Dict:
+        rewards = np.asarray(payload["rewards"], dtype=np.float64)
+        lengths = np.asarray([len(r) for r in payload["responses"]])
+        gen_tokens = int(lengths.sum())
+        out = {"iteration": self.iteration + 1, "reward_mean": float(rewards.mean()),
+               "reward_std": float(rewards.std()), "reward_min": float(rewards.min()),
+               "reward_max": float(rewards.max()), "response_len_mean": float(lengths.mean()),
+               "response_len_max": int(lengths.max()), "truncated_frac": float(np.mean(payload["truncated"])),
+               "adv_mean": float(adv.mean()), "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
+               "kept_frac": float(keep.float().mean()), "reward_errors": sum(payload["errors"].values()),
+               "gen_s": payload["gen_s"], "score_s": payload["score_s"],
+               "gen_tokens_per_s": gen_tokens / max(payload["gen_s"], 1e-9),
+               "policy_version": max(payload["versions"]) if payload["versions"] else 0}
+        for name, values in payload["parts"].items():
+            out[f"reward/{name}"] = float(np.mean(values))
+        # the learner's log-probs against the engine's for the same tokens: training-
+        # inference mismatch (a KL estimate), reduced over ranks
+        sums = torch.zeros(3, dtype=torch.float64)
+        for r in mine:
+            old, roll = r["old_logp"].double(), torch.tensor(r["rollout_logp"], dtype=torch.float64)
+            sums += torch.stack([(old - roll).abs().sum(), A.kl_penalty(roll, old, "k3").sum(),
+                                 torch.tensor(float(len(old)), dtype=torch.float64)])
+        sums = C.all_sum(sums, self.world)
+        out["logp_gap_abs"] = float(sums[0] / sums[2].clamp(min=1))
+        out["logp_gap_kl"] = float(sums[1] / sums[2].clamp(min=1))
+        return out
+
+    def held_out(self) -> Dict:
+        """Mean reward of one sample per held-out prompt (the same seeds every time)."""
+        out = None
+        if self.rank == 0 and self.val_prompts:
+            payload = self.driver.rollout(self.val_prompts, list(range(len(self.val_prompts))),
+                                          VAL_ITERATION, 1)
+            out = {"val_reward": float(np.mean(payload["rewards"])),
+                   "val_response_len": float(np.mean([len(r) for r in payload["responses"]]))}
+        return C.broadcast(out, self.world) or {}

@@ -1,0 +1,99 @@
+"""RLHF end to end on real parts: vLLM rollout engines (CPU build) in Ray actors, rewards,
+and 2 FSDP2 learner workers on Ray Train (gloo), with the weight sync after every
+iteration. A tiny random Llama on a verifiable task that needs no warm start (answer every
+prompt with a target token) goes from chance to a mean reward >= 0.9."""
+import json
+import os
+
+import pytest
+
+from tests.integration.conftest import records
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("vllm")
+
+CHARS = list("0123456789,: ")
+TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # no special tokens
+
+
+def char_model(path: str, seed: int = 0) -> str:
+    """A character-level tokenizer (16 ids) and a tiny random Llama as an HF directory."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      eos_token_id=1, pad_token_id=0, bos_token_id=None, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def digit_prompts(path: str, n: int = 48) -> str:
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            a = rng.randrange(10)
+            f.write(json.dumps({"prompt": f"{a},{(a + 1) % 10},{(a + 2) % 10}:", "answer": "7", "id": i}) + "\n")
+    return path
+
+
+def rl_cfg(tmp_path, **upd):
+    from tests.integration.conftest import _merge
+    from tidal.config import RLHFConfig, from_dict, to_dict, validate_rlhf
+
+    base = to_dict(RLHFConfig())
+    _merge(base, {
+        "model": {"pretrained": char_model(str(tmp_path / "policy"))},
+        "data": {"name": "digits", "sources": [digit_prompts(str(tmp_path / "prompts.jsonl"))],
+                 "seq_len": 16, "val_fraction": 0.25},
+        "rollout": {"n": 8, "prompts_per_iteration": 8, "max_tokens": 4, "kv_cache_gib": 0.05,
+                    "samples_every": 5},
+        "reward": {"model": None, "rules": ["prefix_match"]},
+        "algorithm": {"kl_coef": 0.0},
+        "optim": {"lr": 3e-3},
+        "scaling": {"workers": 2},
+        "logger": {"wandb": False, "wandb_mode": "disabled", "progress": False},
+        "train": {"max_steps": 30, "micro_batch_size": 16, "eval_every": 10, "checkpoint_every": 10},
+        "run": {"name": "rl", "output_dir": str(tmp_path / "out")},
+    })
+    _merge(base, upd)
+    return validate_rlhf(from_dict(RLHFConfig, base))
+
+
+def test_grpo_learns_a_verifiable_task_through_vllm(tmp_path, ray_local):
+    from tidal.train.launch import run_stage
+
+    cfg = rl_cfg(tmp_path)
+    summary = run_stage("rlhf", cfg, log=lambda *a: None)
+    run_dir = summary["run_dir"]
+    recs = [r for r in records(run_dir) if "reward_mean" in r]
+    assert [r["step"] for r in recs] == list(range(1, 31))
+    first, last = recs[0]["reward_mean"], max(r["reward_mean"] for r in recs[-5:])
+    assert first < 0.4, first  # chance: 1 in 16 first tokens
+    assert last >= 0.9, [round(r["reward_mean"], 2) for r in recs]
+    # the engines served the learner's weights: versions advance, log-probs agree in fp32
+    assert [r["policy_version"] for r in recs] == list(range(0, 30))
+    assert max(r["logp_gap_abs"] for r in recs) < 1e-3
+    assert max(r["sync_parity_gap"] for r in recs) < 1e-3
+    assert all(0 < r["sync_share"] < 1 and r["sync_bytes"] > 0 for r in recs)
+    val = [r for r in records(run_dir) if "val_reward" in r]
+    assert [r["step"] for r in val] == [10, 20, 30] and val[-1]["val_reward"] > val[0]["val_reward"] - 1e-9
+    samples = [json.loads(x) for x in open(os.path.join(run_dir, "samples.jsonl"))]
+    assert {s["iteration"] for s in samples} == {5, 10, 15, 20, 25, 30}
+    assert all({"prompt", "completion", "reward", "parts"} <= set(s) for s in samples)
+    # the export is the trained policy, loadable by transformers
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(summary["hf_export"])
