@@ -61,6 +61,8 @@ def models(tmp_path_factory):
     out["not_model"] = str(root / "not_model")
     os.makedirs(out["not_model"])
     open(os.path.join(out["not_model"], "notes.txt"), "w").write("hello")
+    out["empty"] = str(root / "empty.jsonl")
+    open(out["empty"], "w").close()
     out["unfinished"] = str(root / "unfinished")
     shutil.copytree(out["tiny"], out["unfinished"])
     open(os.path.join(out["unfinished"], ".tidal-partial"), "w").close()
@@ -112,6 +114,20 @@ CONFIG_CASES = [
     ("pretrain.py", ["train.micro_batch_size=3"], "lower train.micro_batch_size to 2"),
     ("pretrain.py", ["train.inject_faults=[kill@3,kill@5:1,kill@7,kill@9:1]"],
      "train.inject_faults: 4 worker kill(s) need as many retries, but scaling.max_failures=3"),
+    ("rlhf.py", ["model.pretrained=<tiny>", "algorithm=ppo2"],
+     "algorithm: 'ppo2' is not one of dapo, dr_grpo, grpo, reinforce_pp, rloo"),
+    ("rlhf.py", ["model.pretrained=<tiny>", "reward.model=null", "reward.functions=[nopkg.mod:score]"],
+     "reward.functions[0]: cannot import 'nopkg.mod:score'"),
+    ("rlhf.py", ["reward.model=null", "reward.rules=[prefix_match]", "rollout.n=1"], "rollout.n: must be >= 2"),
+    ("rlhf.py", ["reward.model=null", "reward.rules=[no_such_rule]"], "reward.rules[0]: unknown rule 'no_such_rule'"),
+    ("rlhf.py", ["reward.model=<tok>-missing"], "reward.model: directory '<tok>-missing' does not exist"),
+    ("rlhf.py", ["data.sources=[<empty>]", "reward.model=null", "reward.rules=[format]"],
+     "data.sources[0]: '<empty>' is empty: no records to use"),
+    ("rlhf.py", ["model.pretrained=<tiny>", "reward.model=null", "reward.rules=[format]", "data.seq_len=48",
+                 "rollout.max_tokens=32"],
+     "rollout.max_tokens: prompts of up to data.seq_len=48 tokens plus 32 response tokens exceed model.pretrained's 64 positions"),
+    ("rlhf.py", ["model.pretrained=<tiny>", "reward.model=null", "reward.rules=[format]"],
+     "model.pretrained: head size 16 is not one vLLM's CPU engine runs"),
 ]
 
 

@@ -97,3 +97,25 @@ def test_engine_leaves_no_shared_memory_behind(engines):
     # in-process engines keep no ring buffers in /dev/shm (the multiprocess engine did)
     assert not glob.glob("/dev/shm/*vllm*") and not [p for p in glob.glob("/dev/shm/psm_*")
                                                      if os.stat(p).st_uid == os.getuid()]
+
+
+def test_a_sync_that_changes_nothing_is_caught(engines):
+    """The stale-weight canary: the transfer and its checksum succeed but the engine does
+    not apply the weights (a drill); the parity check on a probe sequence refuses it."""
+    from types import SimpleNamespace
+
+    from tidal.rlhf.rollout import WeightSyncError
+    from tidal.rlhf.sync import check_parity, hf_weights, push
+
+    group = group_of(engines)
+    group.sync(tiny_llama(0).state_dict().items(), 0)
+    new = tiny_llama(2)
+    learner = SimpleNamespace(model=new, rank=0, world=1, device=torch.device("cpu"))
+    probe = list(range(3, 30))
+    group.sync(hf_weights(new, 0), 1, drill_skip_apply=True)
+    assert group.version == 1  # the version and checksum alone cannot tell
+    with pytest.raises(WeightSyncError, match="do not serve the learner's weights"):
+        check_parity(learner, group, probe, tol=1e-3, version=1)
+    info = push(learner, group, 2)  # the learner's own path: every tensor under its HF name
+    assert info["sync_tensors"] == len(new.state_dict())
+    assert check_parity(learner, group, probe, tol=1e-3, version=2)["sync_parity_gap"] < 1e-4

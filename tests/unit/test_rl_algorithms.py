@@ -310,15 +310,19 @@ def test_policy_loss_known_tokens():
 
 
 def test_policy_loss_padding_is_inert():
-    logp0, old, adv, mask = pg_inputs()
+    logp0, old, adv0, mask = pg_inputs()
+    isw0 = torch.ones_like(logp0)
     results = []
-    for fill in (40.0, float("nan"), -1e9):
-        logp = logp0.clone()
-        logp[~mask] = fill
+    for fill, adv_fill, isw_fill in ((40.0, 1e6, 1.0), (float("nan"), 0.0, 1.0), (-1e9, 1.0, 1.0),
+                                     (5.0, float("nan"), 1.0), (5.0, 1.0, float("inf"))):
+        logp, adv, isw = logp0.clone(), adv0.clone(), isw0.clone()
+        logp[~mask], adv[~mask], isw[~mask] = fill, adv_fill, isw_fill
         logp.requires_grad_()
-        s, w, stats = policy_loss(logp, old, adv, mask, 0.2, 0.2, dual_clip=3.0, agg="seq_mean_token_mean")
+        s, w, stats = policy_loss(logp, old, adv, mask, 0.2, 0.2, dual_clip=3.0, agg="seq_mean_token_mean",
+                                  is_weights=isw)
         s.backward()
         assert torch.isfinite(logp.grad).all() and (logp.grad[~mask] == 0).all()
+        assert all(torch.isfinite(v).all() for pair in stats.values() for v in pair)
         results.append((s.item(), logp.grad.clone()))
     for s, g in results[1:]:
         assert s == results[0][0] and torch.equal(g, results[0][1])

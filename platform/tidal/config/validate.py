@@ -211,6 +211,8 @@ def check_post_data(d, p: List[str], embedded: str) -> None:
     for i, src in enumerate(d.sources):
         if not src.startswith(("embedded:", *_CLOUD)) and not source_exists(src):
             p.append(f"data.sources[{i}]: nothing matches '{src}'")
+        elif os.path.isfile(os.path.expanduser(src)) and os.path.getsize(os.path.expanduser(src)) == 0:
+            p.append(f"data.sources[{i}]: '{src}' is empty: no records to use")
         if src.startswith("embedded:") and src != embedded:
             p.append(f"data.sources[{i}]: '{src}' is not an embedded set; allowed: {embedded}")
     _check(p, d.seq_len >= 16, "data.seq_len", ">= 16", d.seq_len)

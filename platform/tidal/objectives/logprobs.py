@@ -224,7 +224,7 @@ def model_nll_sum(model, targets: torch.Tensor, chunk_size: int = 1024,
     def projection(hidden: torch.Tensor) -> torch.Tensor:
         loss = chunked_nll_sum(hidden, head.weight, targets, chunk_size, ignore_index)
         # returned through the model's output, so backward passes its hooks (FSDP2's)
-        return loss.view(1, 1, 1).expand(*hidden.shape[:-1], 1)
+        return loss.view(1, 1, 1).expand(*hidden.shape[:-1], 1).contiguous()  # not a view: FSDP2 warns on views
 
     head.forward = projection
     try:

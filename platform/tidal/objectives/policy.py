@@ -48,8 +48,8 @@ class PolicyObjective(Objective):
         if self.kl_loss:
             kl = A.kl_penalty(logp, batch["ref_logp"], a.kl_estimator)
             loss_sum = loss_sum + a.kl_coef * A.aggregate(kl, mask, a.loss_agg, self.max_len)[0]
-            stats["kl"] = ((kl.detach() * mask).sum(), count)
+            stats["kl"] = (torch.where(mask, kl.detach(), 0.0).sum(), count)
         if a.entropy_coef:
             loss_sum = loss_sum - a.entropy_coef * A.aggregate(entropy, mask, a.loss_agg, self.max_len)[0]
-        stats["entropy"] = ((entropy.detach() * mask).sum(), count)
+        stats["entropy"] = (torch.where(mask, entropy.detach(), 0.0).sum(), count)
         return loss_sum, weight, stats

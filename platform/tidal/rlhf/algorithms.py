@@ -60,10 +60,8 @@ def _equal_rows(g: Tensor) -> Tensor:
 
 
 def _centered(g: Tensor) -> Tensor:
-    """``r - group mean``, exactly zero on equal groups: the float mean of equal values can
-    be 1 ulp off them (0.1 * 3 / 3 != 0.1), which would leak a spurious, and after std
-    normalisation large, advantage into a group that carries no signal."""
-    return torch.where(_equal_rows(g)[:, None], torch.zeros_like(g), g - g.mean(dim=1, keepdim=True))
+    """``r - group mean`` per group."""
+    return g - g.mean(dim=1, keepdim=True)
 
 
 @ADVANTAGES.register("grpo")
@@ -83,15 +81,14 @@ def _dr_grpo(g: Tensor, eps: float) -> Tensor:
 def _rloo(g: Tensor, eps: float) -> Tensor:
     """RLOO (Ahmadian et al. 2402.14740): ``r`` minus the mean of the other ``G-1`` rewards
     of its group, so a sample's baseline does not depend on its own reward."""
-    k = g.shape[1]
-    others = (g.sum(dim=1, keepdim=True) - g) / (k - 1)
-    return torch.where(_equal_rows(g)[:, None], torch.zeros_like(g), g - others)
+    others = (g.sum(dim=1, keepdim=True) - g) / (g.shape[1] - 1)
+    return g - others
 
 
 @ADVANTAGES.register("reinforce_pp_baseline")
 def _reinforce_pp_baseline(g: Tensor, eps: float) -> Tensor:
     """REINFORCE++-baseline (Hu 2501.03262): ``r - mean_g``, then whitened over the whole
-    batch. An all-equal batch gives ``0 / (0 + eps) = 0``, not NaN."""
+    batch (the batch mean is 0 up to rounding: each group is centred)."""
     a = _centered(g)
     return (a - a.mean()) / (a.std() + eps)
 
@@ -105,7 +102,9 @@ def compute_advantages(name: str, rewards: Tensor, group_size: int, eps: float =
     estimator = ADVANTAGES.get_or_raise(name)
     g = _groups(rewards, group_size)
     adv = estimator(g, eps)
-    # batch-level steps (whitening) may shift the zeros of equal groups; pin them again
+    # pin equal groups to exactly 0: the float mean of equal values can be 1 ulp off them
+    # (0.1 * 3 / 3 != 0.1), which GRPO's division by a ~1e-17 std blows up to O(1), and a
+    # constant batch whitens to 0 / 0; such groups carry no signal whatever the estimator
     adv = torch.where(_equal_rows(g)[:, None], torch.zeros_like(adv), adv)
     return adv.reshape(-1)
 
@@ -208,8 +207,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1 (a multiple of |A|), got {dual_clip}")
     mask = mask.bool()
-    # zero the log-ratio at padding before exp: exp(garbage) = inf would turn the masked-out
-    # branch's zero gradient into 0 * inf = NaN
+    # zero the log-ratio at padding: the aggregate drops padding's loss, but backward still
+    # multiplies its zero gradient by padding's advantages / IS weights / exp(logp - old),
+    # and 0 * NaN or 0 * inf = NaN would reach the logits; this where stops it
     log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     unclipped = -advantages * ratio
