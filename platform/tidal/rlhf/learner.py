@@ -89,7 +89,8 @@ def _emit_samples(ctx: WorkerContext, payload: Dict, iteration: int) -> None:
         return
     samples = [{"prompt": payload["prompt_text"][i], "completion": payload["completions"][i],
                 "reward": payload["rewards"][i], "parts": {n: v[i] for n, v in payload["parts"].items()},
-                "dropped": payload["dropped"][i]} for i in range(min(k, len(payload["rewards"])))]
+                "dropped": payload["dropped"][i], "policy_version": payload["versions"][i]}
+               for i in range(min(k, len(payload["rewards"])))]
     ctx.emit({"event": "samples", "iteration": iteration, "samples": samples})
 
 
@@ -121,6 +122,8 @@ def rl_loop_per_worker(config: Dict[str, Any]) -> None:
     probe = source.prompt_at(0)["ids"][: cfg.data.seq_len]
     sync_info = _sync(ctx, engine, source, probe)  # the engines serve this iteration's policy
     end, t = cfg.train.stop_at_step or cfg.train.max_steps, cfg.train
+    if source.iteration == 0 and t.eval_every:  # the starting policy's held-out reward
+        ctx.emit({"event": "held_out_start", "step": 0, **source.held_out()})
     while source.iteration < end:
         if ctx.stop_requested():
             return

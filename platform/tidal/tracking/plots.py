@@ -28,7 +28,7 @@ def loss_curve(records: List[Dict], path: str, title: str) -> str:
     return path
 
 
-def rl_curves(records: List[Dict], path: str, title: str) -> str:
+def rl_curves(records: List[Dict], path: str, title: str, start_reward=None) -> str:
     """An RL run's reward (train and held-out), KL to the reference and response length
     per iteration, stacked."""
     import matplotlib
@@ -41,6 +41,7 @@ def rl_curves(records: List[Dict], path: str, title: str) -> str:
     fig, axes = plt.subplots(3, 1, figsize=(8, 8), dpi=110, sharex=True)
     axes[0].plot(steps, [r["reward_mean"] for r in recs], lw=1.2, label="reward (train samples)")
     val = [(r["step"], r["val_reward"]) for r in records if "val_reward" in r]
+    val = [(0, start) for start in [start_reward] if start is not None] + val
     if val:
         axes[0].plot([s for s, _ in val], [v for _, v in val], "o-", lw=1.5, label="held-out reward")
     axes[0].set_ylabel("reward")

@@ -182,6 +182,16 @@ def _facts(cfg: PretrainConfig, manifest: Dict, data_dir: str, events: list, use
             "config fingerprint": fingerprint(cfg), **_rl_facts(cfg, manifest)}
 
 
+def _rl_summary(log: MetricsLog, events: list) -> Dict:
+    """An RL run's rewards: the last iteration's, and the held-out one before and after."""
+    if log.last("reward_mean") is None:
+        return {}
+    start = [e for e in events if e["event"] == "held_out_start" and "val_reward" in e]
+    out = {"final_reward": log.last("reward_mean"), "final_val_reward": log.last("val_reward"),
+           "start_val_reward": start[0]["val_reward"] if start else None, "final_kl": log.last("kl")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _rl_facts(cfg, manifest: Dict) -> Dict:
     """An RL run's card also says what it was rewarded by, on which prompts, from which model."""
     if not hasattr(cfg, "reward"):
@@ -323,6 +333,7 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
             summary["adapter"] = adapter_dir
         summary["wall_time_s"] = round(time.time() - t0, 1)
         summary.update(_resilience(events, run_storage))
+        summary.update(_rl_summary(metrics_log, events))
         _write_results(cfg, summary, metrics_log, wandb, events, config, manifest, data_dir, run_dir, use_gpu)
     fatal = [e for e in events if e["event"] == "fatal"]
     if fatal:
@@ -368,7 +379,8 @@ def _write_results(cfg, summary: Dict, metrics_log: MetricsLog, wandb: WandbSink
                                                 f"{cfg.run.name}: {cfg.model.name} on {cfg.data.name}")
     if any("reward_mean" in r for r in metrics_log.records):
         summary["rl_plot"] = plots.rl_curves(metrics_log.records, os.path.join(run_dir, "rl.png"),
-                                             f"{cfg.run.name}: reward, KL, response length")
+                                             f"{cfg.run.name}: reward, KL, response length",
+                                             summary.get("start_val_reward"))
     wandb_dir = wandb.finish(summary)
     if wandb_dir:
         summary["wandb_dir"] = wandb_dir
