@@ -37,6 +37,17 @@ def _chunk_logp(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
+def _project_back(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grad_h, grad_w,
+                  s: int, e: int) -> None:
+    """A chunk's gradient w.r.t. its logits ``g`` -> rows ``s:e`` of the hidden states'
+    gradient and a term of the projection weight's (either may be None: not needed)."""
+    g = g.to(h.dtype)
+    if grad_h is not None:
+        grad_h[s:e] = g @ weight
+    if grad_w is not None:
+        grad_w.addmm_(g.t().float(), h.float())
+
+
 class _ChunkedLogProbs(torch.autograd.Function):
     """At most two ``[chunk x vocab]`` fp32 buffers live at any time, forward or backward."""
 
@@ -79,11 +90,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             g.add_(entropy[s:e].unsqueeze(-1)).mul_(-b).sub_(a).mul_(p)
             del p
             g.scatter_add_(-1, lab.clamp(min=0).unsqueeze(-1), a)
-            g = g.to(hidden.dtype)
-            if need_h:
-                grad_h[s:e] = g @ weight
-            if need_w:
-                grad_w.addmm_(g.t().float(), h.float())
+            _project_back(g, h, weight, grad_h, grad_w, s, e)
             del g
         if need_w:
             grad_w = grad_w.to(weight.dtype)
@@ -126,11 +133,7 @@ class _FusedNLL(torch.autograd.Function):
             # d(-logp_y)/dz = p - onehot(y), zero on ignored rows
             g.exp_().mul_(keep.unsqueeze(-1))
             g.scatter_add_(-1, safe, -keep.float().unsqueeze(-1))
-            g = g.to(hidden.dtype)
-            if need_h:
-                grad_h[s:e] = g @ weight
-            if need_w:
-                grad_w.addmm_(g.t().float(), h.float())
+            _project_back(g, h, weight, grad_h, grad_w, s, e)
             del g
         ctx.save_for_backward(grad_h if need_h else None,
                               grad_w.to(weight.dtype) if need_w else None)
