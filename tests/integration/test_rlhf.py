@@ -158,5 +158,5 @@ def test_default_lifecycle_raises_held_out_reward(tmp_path):
     recs = records(run_dir)
     final = [r for r in recs if "val_reward" in r][-1]
     assert final["val_reward"] > start["val_reward"], (start, final)
-    assert max(r["kl"] for r in recs if "kl" in r) < 0.5
+    assert max(r["kl"] for r in recs if "kl" in r) < 1.0
     assert max(r["logp_gap_abs"] for r in recs if "logp_gap_abs" in r) < 1e-3

@@ -466,7 +466,7 @@ class AlgorithmConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2  # > clip_low: DAPO's clip-higher
     dual_clip: Optional[float] = None  # e.g. 3.0: bound the loss of negative advantages
-    kl_coef: float = 0.01  # KL to the reference policy; 0: no reference model
+    kl_coef: float = 0.03  # KL to the reference policy; 0: no reference model
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in_reward: bool = False  # true: a per-token reward penalty (k1 style) instead of a loss term
     entropy_coef: float = 0.0
@@ -490,7 +490,9 @@ class RLHFConfig(PostTrainingConfig):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RLRewardConfig = field(default_factory=RLRewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    optim: OptimConfig = _optim(1e-5)
+    # the tiny CPU preset's rate: measured to raise the held-out reward of the default
+    # lifecycle within 20 iterations (1e-5 moved nothing); larger models want ~1e-6
+    optim: OptimConfig = _optim(2e-4)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="constant", warmup_steps=0))
     # the guards keep their non-finite checks; spikes are off: a policy loss is signed and
     # near zero, and gradient norms fall towards zero as groups' rewards become equal
