@@ -55,11 +55,11 @@ def run_hf(model_dir: str, count: int, n: int, tokens: int, vocab: int, threads:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.tensor(prompts(count, 32, vocab))
     with torch.no_grad():
-        model.generate(ids[:1], max_new_tokens=2, do_sample=True)  # warm-up
+        model.generate(ids[:1], max_new_tokens=2, do_sample=True, use_cache=True)  # warm-up
         t0 = time.perf_counter()
         out = model.generate(ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                              max_new_tokens=tokens, min_new_tokens=tokens, num_return_sequences=n,
-                             pad_token_id=0)
+                             pad_token_id=0, use_cache=True)  # the build turns the cache off for training
         dt = time.perf_counter() - t0
     return (out.shape[0] * (out.shape[1] - ids.shape[1])) / dt
 
