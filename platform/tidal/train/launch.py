@@ -295,8 +295,7 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
     resume = check_resume(cfg, run_storage, log)  # before any Ray work
     if resume:
         log(f"resuming from {resume}")
-    lo, _ = worker_bounds(cfg.scaling.workers)
-    init_ray(min_cpus=lo * cfg.scaling.cpus_per_worker + stage.service_cpus(cfg))
+    init_ray(service_cpus=stage.service_cpus(cfg))
     use_gpu = _use_gpu(cfg)
     ensure_placeable(cfg, use_gpu, log)
     # Prepared data sits beside the checkpoints, so that every node reaches it when the

@@ -25,11 +25,12 @@ def started_locally() -> bool:
     return _REAPER is not None or os.environ.get("TIDAL_LOCAL_RAY") == "1"
 
 
-def init_ray(min_cpus: float = 0) -> None:
+def init_ray(service_cpus: float = 0) -> None:
     """Join ``RAY_ADDRESS`` when set (a cluster, or a ``ray job submit`` job), else start a
     local runtime that ends with this driver, however the driver ends. A local runtime
-    offers at least ``min_cpus`` logical CPUs (an RL run's learners, rollout engines and
-    reward actors take turns on a laptop's cores rather than all at once)."""
+    offers this machine's cores plus ``service_cpus`` logical CPUs for a stage's
+    long-lived actors (an RL run's rollout engines and reward actors take turns with the
+    learners on a laptop's cores); the workers themselves must fit the real cores."""
     import ray
 
     if ray.is_initialized():
@@ -41,7 +42,7 @@ def init_ray(min_cpus: float = 0) -> None:
 
         runtime_env = {"py_modules": [os.path.dirname(tidal.__file__)]}
     address = os.environ.get("RAY_ADDRESS") or None
-    cpus = None if address or min_cpus <= (os.cpu_count() or 1) else int(-(-min_cpus // 1))
+    cpus = None if address or service_cpus <= 0 else (os.cpu_count() or 1) + int(-(-service_cpus // 1))
     ray.init(address=address, log_to_driver=True, logging_level="WARNING", runtime_env=runtime_env,
              num_cpus=cpus)
     if address is None:
