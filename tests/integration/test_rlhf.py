@@ -87,6 +87,7 @@ def test_grpo_learns_a_verifiable_task_through_vllm(tmp_path, ray_local):
     assert [r["policy_version"] for r in recs] == list(range(0, 30))
     assert max(r["logp_gap_abs"] for r in recs) < 1e-3
     assert max(r["sync_parity_gap"] for r in recs) < 1e-3
+    assert all(r["ratio_min"] <= 1.0 + 1e-6 and r["ratio_max"] >= 1.0 - 1e-6 for r in recs)
     assert all(0 < r["sync_share"] < 1 and r["sync_bytes"] > 0 for r in recs)
     val = [r for r in records(run_dir) if "val_reward" in r]
     assert [r["step"] for r in val] == [10, 20, 30]

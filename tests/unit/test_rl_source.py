@@ -62,6 +62,7 @@ def test_on_policy_surrogate_is_the_policy_gradient():
     obj = PolicyObjective(src.cfg.algorithm, max_tokens=4)
     loss_sum, weight, stats = obj.loss(model, b)
     assert float(weight) == 5 and float(stats["ratio"][0] / stats["ratio"][1]) == pytest.approx(1.0)
+    assert obj.ratio_range == pytest.approx((1.0, 1.0))  # on-policy: every ratio is 1
     assert float(loss_sum.detach()) == pytest.approx(-(1.5 * 2 - 0.5 * 3), abs=1e-5)  # -sum(A * ratio)
     loss_sum.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -25,6 +25,12 @@ class PolicyObjective(Objective):
 
     def __init__(self, algorithm, max_tokens: int):
         self.alg, self.max_len = algorithm, max_tokens
+        self.reset_range()
+
+    def reset_range(self) -> None:
+        """The importance ratio's range (min, max) over this rank's tokens since the reset
+        (a range is no (sum, count) statistic: the learner reduces it on its own)."""
+        self.ratio_range = (float("inf"), float("-inf"))
 
     @classmethod
     def from_config(cls, cfg) -> "PolicyObjective":
@@ -45,6 +51,10 @@ class PolicyObjective(Objective):
             logp, batch["old_logp"], batch["advantages"], mask, a.clip_low, a.clip_high,
             a.dual_clip, a.loss_agg, max_len=self.max_len, is_weights=batch.get("is_weights"))
         count = mask.sum()
+        ratio = torch.exp(logp.detach() - batch["old_logp"])[mask]
+        if ratio.numel():
+            lo, hi = self.ratio_range
+            self.ratio_range = (min(lo, ratio.min().item()), max(hi, ratio.max().item()))
         if self.kl_loss:
             kl = A.kl_penalty(logp, batch["ref_logp"], a.kl_estimator)
             loss_sum = loss_sum + a.kl_coef * A.aggregate(kl, mask, a.loss_agg, self.max_len)[0]

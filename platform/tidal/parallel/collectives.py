@@ -50,3 +50,10 @@ def all_sum(values: torch.Tensor, world: int) -> torch.Tensor:
     if distributed(world):
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_max(values: torch.Tensor, world: int) -> torch.Tensor:
+    """The element-wise maximum over ranks of ``values`` (in place when distributed)."""
+    if distributed(world):
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values

@@ -12,7 +12,10 @@ import time
 from dataclasses import replace
 from typing import Any, Dict, List
 
+import torch
+
 from tidal.config import fingerprint, to_dict
+from tidal.parallel import collectives as C
 from tidal.config.redact import redact
 from tidal.data.prepare import load_manifest, tokenizer_path
 from tidal.rlhf import sync as S
@@ -69,6 +72,7 @@ def _learn(ctx: WorkerContext, engine, source: RolloutSource) -> Dict:
     """The iteration's optimizer steps; ``{"anomaly": ...}`` when a guard vetoed one."""
     a, t = ctx.cfg.algorithm, ctx.cfg.train
     steps = []
+    engine.objective.reset_range()
     for _ in range(a.epochs):
         for mb in range(a.minibatches):
             source.minibatch = mb
@@ -80,6 +84,10 @@ def _learn(ctx: WorkerContext, engine, source: RolloutSource) -> Dict:
     out = {k: sum(s[k] for s in steps) / len(steps) for k in steps[-1]
            if isinstance(steps[-1][k], (int, float)) and k not in ("step", "time", "tokens_seen")}
     out.update(optimizer_step=engine.step, tokens_seen=engine.tokens_seen, time=time.time())
+    lo, hi = engine.objective.ratio_range
+    both = C.all_max(torch.tensor([-lo, hi], dtype=torch.float64, device=engine.device), ctx.world)
+    if torch.isfinite(both).all():
+        out.update(ratio_min=-float(both[0]), ratio_max=float(both[1]))
     return out
 
 
