@@ -144,9 +144,9 @@ def test_default_lifecycle_raises_held_out_reward(tmp_path):
     env = dict(os.environ, TIDAL_OUTPUT_DIR=out, WANDB_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     quick = ["logger.wandb=false", "logger.progress=false"]
-    for job, steps in (("pretrain", ["train.max_steps=60", "train.eval_every=30", "train.checkpoint_every=60"]),
-                       ("sft", ["train.max_steps=30", "train.eval_every=30", "train.checkpoint_every=30"]),
-                       ("reward", ["train.max_steps=30", "train.eval_every=30", "train.checkpoint_every=30"])):
+    for job, steps in (("pretrain", ["train.max_steps=30", "train.eval_every=30", "train.checkpoint_every=30"]),
+                       ("sft", ["train.max_steps=20", "train.eval_every=20", "train.checkpoint_every=20"]),
+                       ("reward", ["train.max_steps=20", "train.eval_every=20", "train.checkpoint_every=20"])):
         p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", f"{job}.py"), *steps, *quick], env=env,
                            cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
