@@ -227,12 +227,11 @@ class RolloutSource:
             out[f"reward/{name}"] = float(np.mean(values))
         # the learner's log-probs against the engine's for the same tokens: training-
         # inference mismatch (a KL estimate), reduced over ranks
-        sums = torch.zeros(3, dtype=torch.float64)
-        for r in mine:
-            old, roll = r["old_logp"].double(), torch.tensor(r["rollout_logp"], dtype=torch.float64)
-            sums += torch.stack([(old - roll).abs().sum(), A.kl_penalty(roll, old, "k3").sum(),
-                                 torch.tensor(float(len(old)), dtype=torch.float64)])
-        sums = C.all_sum(sums, self.world)
+        old = torch.cat([r["old_logp"].double() for r in mine] or [torch.zeros(0, dtype=torch.float64)])
+        roll = torch.tensor([x for r in mine for x in r["rollout_logp"]], dtype=torch.float64)
+        gap = A.logp_gap(old, roll, torch.ones_like(old, dtype=torch.bool))
+        sums = C.all_sum(torch.stack([gap["logp_gap_abs"][0], gap["logp_gap_kl"][0],
+                                      gap["logp_gap_abs"][1]]).double(), self.world)
         out["logp_gap_abs"] = float(sums[0] / sums[2].clamp(min=1))
         out["logp_gap_kl"] = float(sums[1] / sums[2].clamp(min=1))
         return out
