@@ -2,6 +2,7 @@
 from tidal.config.convert import ConfigError, allowed_keys, fingerprint, from_dict, to_dict
 from tidal.config.schema import (
     AlgorithmConfig,
+    CriticConfig,
     DataConfig,
     DPOConfig,
     DPOParams,
@@ -41,6 +42,6 @@ __all__ = [
     "SFTConfig", "SFTDataConfig", "TrainConfig", "validate_export", "validate_prepare",
     "validate_pretrain", "validate_sft", "validate_reward", "validate_dpo", "DPOConfig", "DPOParams",
     "PairDataConfig", "RewardConfig", "EvalConfig", "validate_eval", "SearchConfig", "SearchParam",
-    "SweepConfig", "TrialSchedulerConfig", "AlgorithmConfig", "PromptDataConfig", "RLHFConfig",
+    "SweepConfig", "TrialSchedulerConfig", "AlgorithmConfig", "CriticConfig", "PromptDataConfig", "RLHFConfig",
     "RLRewardConfig", "RolloutConfig", "validate_rlhf",
 ]

@@ -461,7 +461,8 @@ class AlgorithmConfig:
     picks a preset from ``conf/algorithm``)."""
 
     name: str = "grpo"
-    estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"] = "grpo"
+    # gae: PPO, per-token advantages from a value model (the ``critic`` section)
+    estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "gae"] = "grpo"
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
     clip_low: float = 0.2
     clip_high: float = 0.2  # > clip_low: DAPO's clip-higher
@@ -469,6 +470,11 @@ class AlgorithmConfig:
     kl_coef: float = 0.03  # KL to the reference policy; 0: no reference model
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in_reward: bool = False  # true: a per-token reward penalty (k1 style) instead of a loss term
+    # the KL coefficient: fixed at kl_coef, or adaptive (Ziegler et al.): moved towards the
+    # per-sequence KL kl_target over kl_horizon samples; checkpointed with the run
+    kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
     entropy_coef: float = 0.0
     epochs: int = 1  # passes over each rollout batch
     minibatches: int = 1  # optimizer steps per pass
@@ -477,6 +483,24 @@ class AlgorithmConfig:
     # truncated importance sampling against the rollout engine's log-probs
     tis: Literal["off", "token", "sequence"] = "off"
     tis_cap: float = 2.0
+    # PPO (estimator gae): discount and GAE lambda over response tokens, advantages whitened
+    # over the batch, the critic's clipped value loss (null: unclipped)
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    value_clip: Optional[float] = 0.2
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """PPO's value model: the same network with a scalar head on every token, trained in
+    the learner workers beside the policy with its own optimizer and schedule. ``init``:
+    ``reward`` starts from the reward model's weights (``reward.model``), ``policy`` from the
+    policy's (a new head), ``auto`` the reward model when there is one."""
+
+    init: Literal["auto", "reward", "policy"] = "auto"
+    optim: OptimConfig = _optim(1e-4)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="constant", warmup_steps=0))
 
 
 @dataclass(frozen=True)
@@ -490,6 +514,7 @@ class RLHFConfig(PostTrainingConfig):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RLRewardConfig = field(default_factory=RLRewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)  # used by algorithm=ppo (estimator gae)
     # the tiny CPU preset's rate: measured to raise the held-out reward of the default
     # lifecycle within 20 iterations (1e-5 moved nothing); larger models want ~1e-6
     optim: OptimConfig = _optim(2e-4)

@@ -311,8 +311,11 @@ def validate_rlhf(cfg):
     check_post_data(cfg.data, p, "embedded:pydocs_instruct")
     for key in ("engines", "prompts_per_iteration", "max_tokens", "cpus_per_engine", "sync_bucket_mb"):
         _check(p, getattr(r, key) >= 1, f"rollout.{key}", ">= 1", getattr(r, key))
-    _check(p, r.n >= 2, "rollout.n", f">= 2 (the '{a.estimator}' estimator compares samples within a "
-           "prompt's group)", r.n)
+    if a.estimator == "gae":
+        _check(p, r.n >= 1, "rollout.n", ">= 1", r.n)
+    else:
+        _check(p, r.n >= 2, "rollout.n", f">= 2 (the '{a.estimator}' estimator compares samples within a "
+               "prompt's group)", r.n)
     _check(p, r.temperature > 0, "rollout.temperature", "> 0", r.temperature)
     for key in ("kv_cache_gib", "start_timeout_s", "timeout_s", "sync_timeout_s"):
         _check(p, getattr(r, key) > 0, f"rollout.{key}", "> 0", getattr(r, key))
@@ -331,6 +334,7 @@ def validate_rlhf(cfg):
         _check(p, getattr(a, key) >= 1, f"algorithm.{key}", ">= 1", getattr(a, key))
     _check(p, a.std_eps > 0, "algorithm.std_eps", "> 0", a.std_eps)
     _check(p, a.tis_cap >= 1, "algorithm.tis_cap", ">= 1", a.tis_cap)
+    _check_kl_and_critic(cfg, p)
     _check_rollout_split(cfg, p)
     if cfg.reward.model not in (None, "auto") and not os.path.isdir(os.path.expanduser(cfg.reward.model)):
         p.append(f"reward.model: directory '{cfg.reward.model}' does not exist; allowed: a reward-model "
@@ -340,6 +344,26 @@ def validate_rlhf(cfg):
     p.extend(check_reward_config(cfg.reward))
     _check_rollout_model(cfg, p)
     return _done(cfg, validate_common(cfg, p, shard_batches=False))
+
+
+def _check_kl_and_critic(cfg, p: List[str]) -> None:
+    a, c = cfg.algorithm, cfg.critic
+    if a.kl_controller == "adaptive":
+        _check(p, a.kl_coef > 0, "algorithm.kl_coef", "> 0 (the adaptive controller's starting value)",
+               a.kl_coef)
+        _check(p, a.kl_target > 0, "algorithm.kl_target", "> 0 (nats per sequence)", a.kl_target)
+        _check(p, a.kl_horizon >= 1, "algorithm.kl_horizon", ">= 1 (samples)", a.kl_horizon)
+    if a.estimator != "gae":
+        return
+    _check(p, 0 <= a.gamma <= 1, "algorithm.gamma", "in [0, 1]", a.gamma)
+    _check(p, 0 <= a.lam <= 1, "algorithm.lam", "in [0, 1]", a.lam)
+    if a.value_clip is not None:
+        _check(p, a.value_clip > 0, "algorithm.value_clip", "> 0 or null", a.value_clip)
+    if c.init == "reward" and cfg.reward.model is None:
+        p.append("critic.init: 'reward' needs a reward model (reward.model is null); allowed: policy, "
+                 "auto, or set reward.model")
+    check_optim(c.optim, "critic.optim", p)
+    check_schedule(c.schedule, "critic.schedule", cfg.train.max_steps, p)
 
 
 def _check_rollout_split(cfg, p: List[str]) -> None:
@@ -361,13 +385,41 @@ def _check_rollout_split(cfg, p: List[str]) -> None:
                  "algorithm.minibatches a multiple of every worker count")
 
 
+def check_optim(o, key: str, p: List[str]) -> None:
+    """An optimizer section (``optim``, ``critic.optim``)."""
+    from tidal.optim import OPTIMIZERS
+
+    if o.name not in OPTIMIZERS:
+        p.append(f"{key}.name: '{o.name}' is not one of {', '.join(sorted(OPTIMIZERS))}")
+    _check(p, o.lr > 0, f"{key}.lr", "> 0", o.lr)
+    _check(p, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"{key}.betas",
+           "two values in [0, 1)", o.betas)
+    _check(p, o.eps > 0, f"{key}.eps", "> 0", o.eps)
+    _check(p, o.weight_decay >= 0, f"{key}.weight_decay", ">= 0", o.weight_decay)
+    _check(p, o.grad_clip >= 0, f"{key}.grad_clip", ">= 0 (0 disables clipping)", o.grad_clip)
+
+
+def check_schedule(s, key: str, max_steps: int, p: List[str]) -> None:
+    """A learning-rate schedule section (``schedule``, ``critic.schedule``)."""
+    from tidal.optim import SCHEDULES
+
+    if s.name not in SCHEDULES:
+        p.append(f"{key}.name: '{s.name}' is not one of {', '.join(sorted(SCHEDULES))}")
+    _check(p, 0 <= s.warmup_steps <= max_steps, f"{key}.warmup_steps",
+           f"in [0, train.max_steps={max_steps}]", s.warmup_steps)
+    if s.warmup_fraction is not None:
+        _check(p, 0 <= s.warmup_fraction < 1, f"{key}.warmup_fraction", "in [0, 1) or null",
+               s.warmup_fraction)
+    _check(p, 0 <= s.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "in [0, 1]", s.min_lr_ratio)
+    _check(p, 0 < s.decay_fraction <= 1, f"{key}.decay_fraction", "in (0, 1]", s.decay_fraction)
+    _check(p, s.power > 0, f"{key}.power", "> 0", s.power)
+
+
 def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     """Every out-of-range or inconsistent value in the sections all training stages share
     (model, optim, schedule, scaling, logger, train, run), added to ``p``.
     ``shard_batches``: the stage reads fixed-length samples whose global batch is
     ``train.global_batch_tokens`` (not RL, whose batch is its rollout)."""
-    from tidal.optim import OPTIMIZERS, SCHEDULES
-
     m, o, s, sc, t, r = cfg.model, cfg.optim, cfg.schedule, cfg.scaling, cfg.train, cfg.run
     lo = m.lora
     _check(p, lo.rank >= 0, "model.lora.rank", ">= 0 (0: off)", lo.rank)
@@ -392,25 +444,8 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     _check(p, m.max_position_embeddings >= cfg.data.seq_len, "model.max_position_embeddings",
            f">= data.seq_len ({cfg.data.seq_len})", m.max_position_embeddings)
 
-    if o.name not in OPTIMIZERS:
-        p.append(f"optim.name: '{o.name}' is not one of {', '.join(sorted(OPTIMIZERS))}")
-    _check(p, o.lr > 0, "optim.lr", "> 0", o.lr)
-    _check(p, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
-           "two values in [0, 1)", o.betas)
-    _check(p, o.eps > 0, "optim.eps", "> 0", o.eps)
-    _check(p, o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
-    _check(p, o.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 disables clipping)", o.grad_clip)
-
-    if s.name not in SCHEDULES:
-        p.append(f"schedule.name: '{s.name}' is not one of {', '.join(sorted(SCHEDULES))}")
-    _check(p, 0 <= s.warmup_steps <= t.max_steps, "schedule.warmup_steps",
-           f"in [0, train.max_steps={t.max_steps}]", s.warmup_steps)
-    if s.warmup_fraction is not None:
-        _check(p, 0 <= s.warmup_fraction < 1, "schedule.warmup_fraction", "in [0, 1) or null",
-               s.warmup_fraction)
-    _check(p, 0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "in [0, 1]", s.min_lr_ratio)
-    _check(p, 0 < s.decay_fraction <= 1, "schedule.decay_fraction", "in (0, 1]", s.decay_fraction)
-    _check(p, s.power > 0, "schedule.power", "> 0", s.power)
+    check_optim(o, "optim", p)
+    check_schedule(s, "schedule", t.max_steps, p)
 
     try:
         lo, hi = worker_bounds(sc.workers)

@@ -25,6 +25,7 @@ class PolicyObjective(Objective):
 
     def __init__(self, algorithm, max_tokens: int):
         self.alg, self.max_len = algorithm, max_tokens
+        self.kl_coef = algorithm.kl_coef  # the KL controller's current value (the learner sets it)
         self.reset_range()
 
     def reset_range(self) -> None:
@@ -57,7 +58,7 @@ class PolicyObjective(Objective):
             self.ratio_range = (min(lo, ratio.min().item()), max(hi, ratio.max().item()))
         if self.kl_loss:
             kl = A.kl_penalty(logp, batch["ref_logp"], a.kl_estimator)
-            loss_sum = loss_sum + a.kl_coef * A.aggregate(kl, mask, a.loss_agg, self.max_len)[0]
+            loss_sum = loss_sum + self.kl_coef * A.aggregate(kl, mask, a.loss_agg, self.max_len)[0]
             stats["kl"] = (torch.where(mask, kl.detach(), 0.0).sum(), count)
         if a.entropy_coef:
             loss_sum = loss_sum - a.entropy_coef * A.aggregate(entropy, mask, a.loss_agg, self.max_len)[0]

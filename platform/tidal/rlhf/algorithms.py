@@ -229,6 +229,126 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     return loss_sum, weight, stats
 
 
+# ---------------------------------------------------------------------------- PPO: critic
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
+        next_values: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 1506.02438) over response tokens.
+
+    ``rewards``, ``values`` ``[N, L]``: the per-token reward (e.g. ``-beta * k1`` on every
+    token, plus the sequence's score on its last one) and the critic's value of the state
+    before each token. ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t +
+    gamma * lam * A_{t+1}``, where ``t + 1`` is the row's next *masked* token: masked-out
+    positions are skipped (they carry the running value and advantage through, as verl
+    does), so padding anywhere holds nothing that matters. After a row's last token the
+    next value is ``next_values`` (``[N]``; the critic's value of the state after the last
+    token for a truncated response, which did not end; 0 for one that ended, and the
+    default). Returns ``(advantages, returns)``, both ``[N, L]`` with 0 at masked-out
+    positions; ``returns = advantages + values`` (the critic's regression target)."""
+    if rewards.shape != values.shape or rewards.shape != mask.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask "
+                         f"{tuple(mask.shape)} must have one shape [N, L]")
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ValueError(f"need gamma and lam in [0, 1], got {gamma}, {lam}")
+    mask = mask.bool()
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    r = torch.where(mask, rewards.to(dtype), torch.zeros((), dtype=dtype))
+    v = torch.where(mask, values.to(dtype), torch.zeros((), dtype=dtype))
+    nxt = torch.zeros(r.shape[0], dtype=dtype) if next_values is None else next_values.to(dtype).clone()
+    run = torch.zeros_like(nxt)
+    adv = torch.zeros_like(r)
+    for t in range(r.shape[1] - 1, -1, -1):
+        m = mask[:, t]
+        delta = r[:, t] + gamma * nxt - v[:, t]
+        step = delta + gamma * lam * run
+        run = torch.where(m, step, run)
+        nxt = torch.where(m, v[:, t], nxt)
+        adv[:, t] = torch.where(m, step, torch.zeros((), dtype=dtype))
+    returns = torch.where(mask, adv + v, torch.zeros((), dtype=dtype))
+    return adv, returns
+
+
+def whiten_stats(values: Tensor, mask: Tensor) -> Tensor:
+    """``[sum, sum of squares, count]`` of the masked values (float64): what ranks add up
+    before :func:`whiten`, so that the batch is whitened as a whole whatever its split."""
+    v = torch.where(mask.bool(), values.double(), torch.zeros((), dtype=torch.float64))
+    return torch.stack([v.sum(), (v * v).sum(), mask.bool().sum().double()])
+
+
+def whiten(values: Tensor, mask: Tensor, stats: Optional[Tensor] = None, eps: float = 1e-8,
+           shift_mean: bool = True) -> Tensor:
+    """Masked whitening: ``(x - mean) / sqrt(var + eps)`` with the mean and (biased)
+    variance of the masked values (``stats`` from :func:`whiten_stats`, summed over ranks;
+    this tensor's own by default); 0 at masked-out positions. ``shift_mean=False`` adds the
+    mean back (unit variance around the original mean, as verl's ``masked_whiten``)."""
+    mask = mask.bool()
+    s, sq, n = (whiten_stats(values, mask) if stats is None else stats.double()).tolist()
+    if n < 1:
+        return torch.zeros_like(values)
+    mean = s / n
+    var = max(sq / n - mean * mean, 0.0)
+    out = (values.double() - mean) / (var + eps) ** 0.5
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, torch.zeros((), dtype=torch.float64)).to(values.dtype)
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: Optional[float],
+               agg: str = "token_mean", max_len: Optional[int] = None) -> Tuple[Tensor, Tensor, Dict[str, Stat]]:
+    """The critic's clipped value loss (PPO2 / OpenAI baselines):
+    ``0.5 * max((V - R)^2, (V_old + clamp(V - V_old, -c, c) - R)^2)`` per token, so one
+    minibatch cannot move a value further than ``c`` from the rollout's; ``clip`` None: the
+    plain squared error. Aggregated like the policy loss; ``stats``: ``vf_clip_frac`` (the
+    clipped branch is the larger, so the token gives no gradient) and ``value`` (the mean
+    prediction)."""
+    mask = mask.bool()
+    # padding may hold anything: a where (not a multiply) keeps NaN/inf from the gradient
+    zero = torch.zeros((), dtype=values.dtype)
+    values, old_values, returns = (torch.where(mask, x, zero) for x in (values, old_values, returns))
+    err = (values - returns) ** 2
+    if clip is not None:
+        if clip <= 0:
+            raise ValueError(f"value clip must be > 0 or None, got {clip}")
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        err_clipped = (clipped - returns) ** 2
+        loss = 0.5 * torch.maximum(err, err_clipped)
+        frac = (err_clipped > err).to(values.dtype)
+    else:
+        loss, frac = 0.5 * err, torch.zeros_like(err)
+    loss_sum, weight = aggregate(loss, mask, agg, max_len)
+    return loss_sum, weight, {"vf_clip_frac": _masked_stat(frac, mask), "value": _masked_stat(values, mask)}
+
+
+class KLController:
+    """The coefficient of the KL penalty to the reference. ``fixed``: constant.
+    ``adaptive`` (Ziegler et al. 1909.08593): after each batch of ``n`` samples whose
+    observed KL (per sequence, summed over its tokens) is ``kl``,
+    ``coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon``: it rises while the
+    policy drifts past the target and falls while it stays below. Its state is the
+    coefficient, checkpointed with the run so a resumed run goes on with the same value."""
+
+    KINDS = ("fixed", "adaptive")
+
+    def __init__(self, kind: str, coef: float, target: Optional[float] = None, horizon: int = 10000):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown KL controller '{kind}'; allowed: {', '.join(self.KINDS)}")
+        if kind == "adaptive" and not (target and target > 0 and horizon > 0):
+            raise ValueError(f"an adaptive KL controller needs target > 0 and horizon > 0, got {target}, {horizon}")
+        self.kind, self.value, self.target, self.horizon = kind, float(coef), target, horizon
+
+    def update(self, kl: float, n: int) -> float:
+        if self.kind == "adaptive":
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n / self.horizon
+        return self.value
+
+    def state_dict(self) -> Dict:
+        return {"kl_coef": self.value}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.value = float(state["kl_coef"])
+
+
 # ---------------------------------------------------------------------------- rollout mismatch
 
 def truncated_is(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, level: str, cap: float) -> Tensor:
@@ -261,5 +381,6 @@ def logp_gap(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> Dict[str, 
             "logp_gap_kl": _masked_stat(kl_penalty(rollout, old, "k3"), mask)}
 
 
-__all__ = ["ADVANTAGES", "AGGS", "IS_LEVELS", "KL_KINDS", "aggregate", "compute_advantages",
-           "equal_groups", "kl_penalty", "logp_gap", "policy_loss", "truncated_is"]
+__all__ = ["ADVANTAGES", "AGGS", "IS_LEVELS", "KL_KINDS", "KLController", "aggregate", "compute_advantages",
+           "equal_groups", "gae", "kl_penalty", "logp_gap", "policy_loss", "truncated_is", "value_loss",
+           "whiten", "whiten_stats"]

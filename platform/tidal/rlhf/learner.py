@@ -33,6 +33,27 @@ def engine_spec(cfg) -> EngineSpec:
                       cfg.data.seq_len + cfg.rollout.max_tokens)
 
 
+def critic_init(cfg) -> str:
+    """The directory PPO's value model starts from: the reward model's (``critic.init``
+    reward, or auto with a reward model) or the policy's."""
+    c = cfg.critic.init
+    path = cfg.reward.model if c in ("reward", "auto") and cfg.reward.model else cfg.model.pretrained
+    if not path:
+        raise ValueError("critic.init: the value model starts from a pretrained directory (the reward "
+                         "model's or the policy's); neither reward.model nor model.pretrained is set")
+    return path
+
+
+def critic_spec(cfg) -> EngineSpec:
+    """PPO's value model: the policy's shape and sharding, its own optimizer and schedule,
+    from ``critic_init``'s weights, without LoRA (the critic trains fully)."""
+    from tidal.config.schema import LoRAConfig
+
+    policy = engine_spec(cfg)
+    model = replace(cfg.model, pretrained=critic_init(cfg), lora=LoRAConfig(rank=0))
+    return replace(policy, model=model, optim=cfg.critic.optim, schedule=cfg.critic.schedule)
+
+
 def sync_tolerance(cfg, precision: str) -> float:
     if cfg.rollout.sync_check_tol is not None:
         return cfg.rollout.sync_check_tol
@@ -68,18 +89,32 @@ def _sync(ctx: WorkerContext, engine, source: RolloutSource, probe: List[int]) -
     return info
 
 
-def _learn(ctx: WorkerContext, engine, source: RolloutSource) -> Dict:
-    """The iteration's optimizer steps; ``{"anomaly": ...}`` when a guard vetoed one."""
+# the value model's step metrics, as the iteration reports them
+VALUE_KEYS = {"loss": "value_loss", "grad_norm": "value_grad_norm", "lr": "value_lr",
+              "vf_clip_frac": "vf_clip_frac", "value": "value_mean"}
+
+
+def _learn(ctx: WorkerContext, engine, source: RolloutSource, critic_guard=None) -> Dict:
+    """The iteration's optimizer steps (the policy's, and after each the value model's when
+    there is one); ``{"anomaly": ...}`` when a guard vetoed one."""
     a, t = ctx.cfg.algorithm, ctx.cfg.train
+    critic = engine.companions.get("value")
     steps = []
     engine.objective.reset_range()
+    engine.objective.kl_coef = source.kl.value
     for _ in range(a.epochs):
         for mb in range(a.minibatches):
             source.minibatch = mb
-            m = train_step(engine, source.batches(ctx.rank, ctx.world, t.micro_batch_size),
-                           guard=ctx.guard.check, loss_scale=ctx.injector.loss_scale(engine.step + 1))
+            batches = source.batches(ctx.rank, ctx.world, t.micro_batch_size)
+            m = train_step(engine, batches, guard=ctx.guard.check,
+                           loss_scale=ctx.injector.loss_scale(engine.step + 1))
             if "anomaly" in m:
                 return m
+            if critic is not None:
+                v = train_step(critic, batches, guard=critic_guard.check)
+                if "anomaly" in v:
+                    return {**v, "anomaly": f"value model: {v['anomaly']}"}
+                m.update({name: v[k] for k, name in VALUE_KEYS.items() if k in v})
             steps.append(m)
     out = {k: sum(s[k] for s in steps) / len(steps) for k in steps[-1]
            if isinstance(steps[-1][k], (int, float)) and k not in ("step", "time", "tokens_seen")}
@@ -118,6 +153,16 @@ def rl_loop_per_worker(config: Dict[str, Any]) -> None:
     engine = build_engine(engine_spec(cfg), tk["vocab_size"], tk["eos_token_id"], tk["pad_token_id"], rank,
                           world, ctx.device, head="lm")
     engine.objective = objective
+    critic_guard = None
+    if cfg.algorithm.estimator == "gae":  # PPO: the value model trains beside the policy
+        from tidal.objectives.value import ValueObjective
+        from tidal.train.guards import DivergenceGuard
+
+        critic = build_engine(critic_spec(cfg), tk["vocab_size"], tk["eos_token_id"], tk["pad_token_id"],
+                              rank, world, ctx.device, head="reward")
+        critic.objective = ValueObjective.from_config(cfg)
+        engine.companions["value"] = critic
+        critic_guard = DivergenceGuard(cfg.train.guard)
     reference = R.build_reference(cfg, engine, manifest) if cfg.algorithm.kl_coef > 0 else None
     tok_dir = tokenizer_path(manifest, data_dir)
     driver = _driver(cfg, config, tok_dir) if rank == 0 else None
@@ -125,7 +170,8 @@ def rl_loop_per_worker(config: Dict[str, Any]) -> None:
     source = RolloutSource(cfg, read_prompts(data_dir, "train"), read_prompts(data_dir, "val")[:64],
                            rank, world, ctx.device, pad, driver)
     ctx.attach(engine, source, {"config_fingerprint": fingerprint(cfg), "data_manifest": config["manifest_hash"],
-                                "config": redact(to_dict(cfg))}, tok_dir, count=lambda: source.iteration)
+                                "config": redact(to_dict(cfg))}, tok_dir, count=lambda: source.iteration,
+               stage=source.kl)
     ctx.restore(prompts=len(source.prompts))
     probe = source.prompt_at(0)["ids"][: cfg.data.seq_len]
     sync_info = _sync(ctx, engine, source, probe)  # the engines serve this iteration's policy
@@ -139,11 +185,13 @@ def rl_loop_per_worker(config: Dict[str, Any]) -> None:
         metrics = source.collect(engine, reference)
         payload = metrics.pop("_samples")
         t1 = time.time()
-        learned = _learn(ctx, engine, source)
+        learned = _learn(ctx, engine, source, critic_guard)
         if "anomaly" in learned:
             learned["step"] = source.iteration + 1
             if not ctx.recover(learned):
                 return
+            if critic_guard is not None:
+                critic_guard.reset()
             sync_info = _sync(ctx, engine, source, probe)
             continue
         learn_s = time.time() - t1

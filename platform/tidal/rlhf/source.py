@@ -64,6 +64,9 @@ class RolloutSource:
         self.cfg, self.prompts, self.val_prompts = cfg, prompts, val_prompts
         self.rank, self.world, self.device, self.pad = rank, world, device, pad_id
         self.driver = driver
+        # the KL coefficient (fixed or adaptive); the learner checkpoints it as the stage state
+        a = cfg.algorithm
+        self.kl = A.KLController(a.kl_controller, a.kl_coef, a.kl_target, a.kl_horizon)
         self.iteration = 0
         self.skipped: List[List[int]] = []
         self.rows: List[Dict] = []  # this rank's rows of the current rollout, by minibatch
@@ -114,7 +117,10 @@ class RolloutSource:
         return [list(range(b * size + self.rank * share, b * size + (self.rank + 1) * share)) for b in range(m)]
 
     def collect(self, engine, reference) -> Dict:
-        """Generate, score and prepare this iteration's rows; returns the rollout metrics."""
+        """Generate, score and prepare this iteration's rows; returns the rollout metrics.
+        With a value model (``engine.companions["value"]``, PPO) advantages come per token
+        from GAE over the KL-penalised rewards; otherwise per sequence from the group
+        estimator. The KL controller then takes the rollout's KL."""
         cfg, n = self.cfg, self.cfg.rollout.n
         payload = None
         if self.rank == 0:
@@ -129,34 +135,96 @@ class RolloutSource:
                  "rollout_logp": payload["logps"][i], "index": i} for i in range(len(payload["responses"]))]
         plan = self.my_rows(len(rows))
         mine = [rows[i] for part in plan for i in part]
-        self._learner_logps(engine, reference, mine)
-        rewards = torch.tensor(payload["rewards"], dtype=torch.float64)
-        if cfg.algorithm.kl_coef > 0 and cfg.algorithm.kl_in_reward:
-            k1 = torch.zeros(len(rows), dtype=torch.float64)
+        critic = engine.companions.get("value")
+        self._learner_logps(engine, reference, mine, critic)
+        a, beta = cfg.algorithm, self.kl.value
+        penalty = a.kl_coef > 0 and a.kl_in_reward
+        seq_kl = torch.zeros(len(rows), dtype=torch.float64)  # per-sequence k1 KL to the reference
+        if reference is not None:
             for r in mine:
-                k1[r["index"]] = float(A.kl_penalty(r["old_logp"], r["ref_logp"], "k1").sum())
-            rewards = rewards - cfg.algorithm.kl_coef * C.all_sum(k1, self.world)
-        adv = A.compute_advantages(cfg.algorithm.estimator, rewards, n, cfg.algorithm.std_eps)
+                seq_kl[r["index"]] = float(A.kl_penalty(r["old_logp"], r["ref_logp"], "k1").sum())
+            seq_kl = C.all_sum(seq_kl, self.world)
         keep = ~torch.tensor(payload["dropped"], dtype=torch.bool)
-        if cfg.algorithm.drop_equal_groups:
+        if a.drop_equal_groups and n > 1:
             keep &= ~A.equal_groups(torch.tensor(payload["rewards"]), n)
         for r in mine:
-            r["advantage"], r["keep"] = float(adv[r["index"]]), bool(keep[r["index"]])
+            r["keep"], r["score"] = bool(keep[r["index"]]), float(payload["rewards"][r["index"]])
+        rewards = torch.tensor(payload["rewards"], dtype=torch.float64)
+        out = {}
+        if critic is not None:
+            adv = self._gae(mine, len(rows), payload["truncated"], beta if penalty else 0.0, out)
+        else:
+            if penalty:
+                rewards = rewards - beta * seq_kl
+            adv = A.compute_advantages(a.estimator, rewards, n, a.std_eps)
+            for r in mine:
+                r["advantage"] = float(adv[r["index"]])
         self.rows = [[rows[i] for i in part] for part in plan]
         self.minibatch = 0
-        out = self._metrics(payload, adv, keep, mine)
+        out.update(self._metrics(payload, adv, keep, mine))
+        if reference is not None:
+            kl = float(seq_kl[keep].mean()) if keep.any() else 0.0
+            out.update(kl_seq=kl, kl_coef=beta)
+            self.kl.update(kl, int(keep.sum()))
         out["logp_s"] = time.time() - t0
         out["_samples"] = payload
         return out
 
+    def _gae(self, mine: List[Dict], n_rows: int, truncated: List[bool], beta: float, out: Dict) -> torch.Tensor:
+        """PPO: per-token rewards (``-beta * k1`` on every token, the score on the last),
+        GAE over this rank's rows, advantages whitened over the whole batch (every rank's
+        kept tokens); sets each row's ``advantage`` and ``returns`` (tensors) and adds the
+        critic's metrics to ``out``. Returns the rows' mean advantages (for the metrics)."""
+        a = self.cfg.algorithm
+        width = max([len(r["response"]) for r in mine] + [1])
+        shape = (len(mine), width)
+        rew, val = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+        mask = torch.zeros(shape, dtype=torch.bool)
+        boot = torch.zeros(len(mine), dtype=torch.float64)
+        for j, r in enumerate(mine):
+            k = len(r["response"])
+            if not k:
+                continue
+            mask[j, :k] = r["keep"]
+            val[j, :k] = r["old_values"].double()
+            if beta and r["ref_logp"] is not None:
+                rew[j, :k] = -beta * A.kl_penalty(r["old_logp"], r["ref_logp"], "k1").double()
+            rew[j, k - 1] += r["score"]
+            if truncated[r["index"]]:  # it did not end: the state after it has a value
+                boot[j] = r["bootstrap"]
+        adv, ret = A.gae(rew, val, mask, a.gamma, a.lam, boot)
+        stats = C.all_sum(torch.cat([A.whiten_stats(adv, mask), A.whiten_stats(ret, mask),
+                                     A.whiten_stats(ret - val, mask)[:2]]), self.world)
+        if a.whiten_advantages:
+            adv = A.whiten(adv, mask, stats[:3])
+        for j, r in enumerate(mine):
+            k = len(r["response"])
+            r["advantage"], r["returns"] = adv[j, :k].float(), ret[j, :k].float()
+        n = float(stats[2].clamp(min=1))
+        var_ret = float(stats[4] / n - (stats[3] / n) ** 2)
+        var_err = float(stats[7] / n - (stats[6] / n) ** 2)
+        out.update(returns_mean=float(stats[3] / n),
+                   explained_var=1.0 - var_err / var_ret if var_ret > 0 else 0.0)
+        seq = torch.zeros(n_rows, dtype=torch.float64)
+        for j, r in enumerate(mine):
+            if mask[j].any():
+                seq[r["index"]] = float(adv[j][mask[j]].mean())
+        return C.all_sum(seq, self.world)
+
     @torch.no_grad()
-    def _learner_logps(self, engine, reference, rows: List[Dict]) -> None:
+    def _learner_logps(self, engine, reference, rows: List[Dict], critic=None) -> None:
         """Per row: the policy's log-probs of its response before any update (``old_logp``)
-        and the reference's (``ref_logp``), computed in micro-batches on this rank."""
+        and the reference's (``ref_logp``), computed in micro-batches on this rank; with a
+        critic, its values before any update (``old_values``, and ``bootstrap``: the value
+        after the last token)."""
+        from tidal.objectives.value import token_values
+
         micro = self.cfg.train.micro_batch_size
         model = engine.model
         was = model.training
         model.eval()
+        if critic is not None:
+            critic.model.eval()
         try:
             for i in range(0, len(rows), micro):
                 chunk = rows[i:i + micro]
@@ -166,12 +234,18 @@ class RolloutSource:
                 if reference is not None:
                     ref, _ = model_token_logprobs(reference, batch["targets"], input_ids=batch["input_ids"],
                                                   use_cache=False)
+                values = None if critic is None else token_values(critic.model, batch["input_ids"])
                 for j, r in enumerate(chunk):
                     start, length = len(r["prompt"]) - 1, len(r["response"])
                     r["old_logp"] = old[j, start:start + length].float().cpu()
                     r["ref_logp"] = None if ref is None else ref[j, start:start + length].float().cpu()
+                    if values is not None:
+                        r["old_values"] = values[j, start:start + length].cpu()
+                        r["bootstrap"] = float(values[j, start + length])
         finally:
             model.train(was)
+            if critic is not None:
+                critic.model.train(was)
 
     def make_batch(self, rows: List[Dict], fields: bool = True) -> Batch:
         """Prompt + response per row, right-padded; targets on the response tokens only;
@@ -181,6 +255,8 @@ class RolloutSource:
         ids = torch.full((n, width), self.pad, dtype=torch.long)
         targets = torch.full((n, width), IGNORE, dtype=torch.long)
         names = ("old_logp", "ref_logp", "rollout_logp", "advantages", "is_weights") if fields else ()
+        if fields and "returns" in rows[0]:
+            names += ("returns", "old_values")
         floats = {k: torch.zeros(n, width, dtype=torch.float32) for k in names}
         tokens = 0
         for j, r in enumerate(rows):
@@ -198,6 +274,9 @@ class RolloutSource:
                 floats["advantages"][j, s:e] = r["advantage"]
                 if r["ref_logp"] is not None:
                     floats["ref_logp"][j, s:e] = r["ref_logp"]
+                if "returns" in floats:
+                    floats["returns"][j, s:e] = r["returns"]
+                    floats["old_values"][j, s:e] = r["old_values"]
         batch = {"input_ids": ids, "targets": targets, "tokens": torch.tensor(tokens)}
         batch["loss_mask"] = targets != IGNORE
         if fields:

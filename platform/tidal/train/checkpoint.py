@@ -49,6 +49,21 @@ def _model_optim_state(engine: Engine):
     return model_sd, optim_sd
 
 
+def _dcp_state(engine: Engine) -> Dict:
+    """What DCP writes and reads: the engine's model and optimizer, and each companion
+    engine's (PPO's value model) under its name."""
+    model_sd, optim_sd = _model_optim_state(engine)
+    state = {"model": model_sd, "optim": optim_sd}
+    for name, other in engine.companions.items():
+        m, o = _model_optim_state(other)
+        state[name] = {"model": m, "optim": o}
+    return state
+
+
+def _counters(engine: Engine) -> Dict:
+    return {"step": engine.step, "tokens_seen": engine.tokens_seen}
+
+
 def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = None,
          async_group=None, states: Optional[Dict[str, Dict]] = None):
     """Write this rank's part of the checkpoint into ``path`` (a per-rank local dir is fine:
@@ -59,18 +74,19 @@ def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = N
     ``states`` are the other named states of the run (``source``: the data position;
     ``stage``: a stage's own, e.g. a KL controller), JSON values kept beside the engine's."""
     os.makedirs(path, exist_ok=True)
-    model_sd, optim_sd = _model_optim_state(engine)
+    sd = _dcp_state(engine)
     future = None
     if async_group is not None:
-        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path,
+        future = dcp.async_save(sd, checkpoint_id=path,
                                 process_group=async_group if async_group is not True else None,
                                 no_dist=async_group is True)
     else:
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        dcp.save(sd, checkpoint_id=path)
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save(_rng_state(engine.device), os.path.join(path, "rng", f"rank_{engine.rank}.pt"))
     if engine.rank == 0:
-        named = {"engine": {"step": engine.step, "tokens_seen": engine.tokens_seen}, **(states or {})}
+        named = {"engine": _counters(engine), **{f"{k}_engine": _counters(c) for k, c in engine.companions.items()},
+                 **(states or {})}
         state = {"format": FORMAT, "step": engine.step, "tokens_seen": engine.tokens_seen,
                  "world_size": engine.world, "states": named, **meta}
         if "source" in named:  # format 1's fields, for readers that predate named states
@@ -101,15 +117,19 @@ def load(engine: Engine, path: str) -> Dict:
     """Restore model, optimizer, step counters and (when the rank existed) RNG from
     ``path``; returns the trainer state, whose ``states`` the caller hands to the source
     and the stage."""
-    model_sd, optim_sd = _model_optim_state(engine)
-    state = {"model": model_sd, "optim": optim_sd}
-    safe_dcp.load(state, path)
-    set_state_dict(engine.model, engine.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=not engine.lora))
+    state = _dcp_state(engine)
     meta = read_state(path)
-    engine.step = meta["states"]["engine"]["step"]
-    engine.tokens_seen = meta["states"]["engine"]["tokens_seen"]
+    missing = [k for k in engine.companions if f"{k}_engine" not in meta["states"]]
+    if missing:
+        raise ValueError(f"checkpoint {path} holds no {', '.join(missing)} model: it was written by a "
+                         "run without one (e.g. another RL algorithm), so it cannot resume this run")
+    safe_dcp.load(state, path)
+    for name, e in (("", engine), *engine.companions.items()):
+        part = state[name] if name else state
+        set_state_dict(e.model, e.optimizer, model_state_dict=part["model"], optim_state_dict=part["optim"],
+                       options=StateDictOptions(strict=not e.lora))
+        counters = meta["states"][f"{name}_engine" if name else "engine"]
+        e.step, e.tokens_seen = counters["step"], counters["tokens_seen"]
     rng_file = os.path.join(path, "rng", f"rank_{engine.rank}.pt")
     if os.path.exists(rng_file):
         rng = torch.load(rng_file, weights_only=True)

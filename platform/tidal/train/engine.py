@@ -66,6 +66,9 @@ class Engine:
     objective: object = field(default_factory=LMObjective)  # see tidal.objectives
     step: int = 0
     tokens_seen: int = 0
+    # engines trained beside this one in the same workers (PPO's value model, by name):
+    # checkpointed, restored and resharded with it
+    companions: Dict[str, "Engine"] = field(default_factory=dict)
 
     @property
     def grad_accum(self) -> int:

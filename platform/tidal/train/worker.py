@@ -57,7 +57,7 @@ def choose_checkpoint(rank: int, world: int, run_dir: str, resume_from: Optional
     return out
 
 
-def restore(engine, path: str, source) -> Dict:
+def restore(engine, path: str, source, stage=None) -> Dict:
     """Load ``path`` (verified in storage by rank 0) into the engine and the source from
     this rank's copy of it, after checking the copy against the commit record: sizes, the
     signature, and the digests of the small files that say what to read (a shard swapped
@@ -74,6 +74,8 @@ def restore(engine, path: str, source) -> Dict:
                          f"{', '.join(sorted(state['states']))}): it was not written by a training "
                          "run of this kind, so where its data stopped is unknown")
     source.load_state_dict(state["states"][source.name])
+    if stage is not None and "stage" in state["states"]:
+        stage.load_state_dict(state["states"]["stage"])
     return state
 
 
@@ -163,14 +165,20 @@ class WorkerContext:
             self.hub.push.remote(record)
 
     def attach(self, engine, source, meta: Dict, tok_dir: Optional[str],
-               count: Optional[Callable[[], int]] = None) -> None:
+               count: Optional[Callable[[], int]] = None, stage=None) -> None:
         """``count``: the run's progress counter, which the cadences (logging,
         checkpoints) and the driver's step column follow; optimizer steps by default (an RL
-        run counts iterations, each of which may hold several optimizer steps)."""
-        self.engine, self.source, self.meta = engine, source, meta
+        run counts iterations, each of which may hold several optimizer steps). ``stage``:
+        the stage's own state (``state_dict``/``load_state_dict``, JSON values, e.g. RL's KL
+        controller), checkpointed as the ``stage`` named state and restored with the rest."""
+        self.engine, self.source, self.stage, self.meta = engine, source, stage, meta
         self.count = count or (lambda: engine.step)
+
+        def states() -> Dict:
+            return {source.name: source.state_dict(), **({"stage": stage.state_dict()} if stage else {})}
+
         self.saver = ckpt.Checkpointer(engine, self.run_dir, meta, tok_dir, self.injector, self.hub,
-                                       states=lambda: {source.name: source.state_dict()})
+                                       states=states)
         self.stop_watch = StopWatch(self.hub, self.rank, self.world, engine.device)
 
     def restore(self, **start_facts) -> Optional[str]:
@@ -178,7 +186,7 @@ class WorkerContext:
         the source; report the start. Returns the checkpoint's path, if any."""
         chosen = choose_checkpoint(self.rank, self.world, self.run_dir, self.cfg.run.resume_from)
         if chosen["path"] is not None:
-            state = restore(self.engine, chosen["path"], self.source)
+            state = restore(self.engine, chosen["path"], self.source, self.stage)
             if state.get("data_manifest") not in (None, self.meta["data_manifest"]):
                 raise ValueError(f"checkpoint {chosen['path']} was trained on other data (manifest "
                                  f"{state['data_manifest'][:12]}, now {self.meta['data_manifest'][:12]}): "
@@ -220,7 +228,7 @@ class WorkerContext:
         before = self.source.state_dict()
         path = C.broadcast(integrity.latest_valid(self.run_dir)[0] if self.rank == 0 else None, self.world)
         if path is not None:
-            restore(self.engine, path, self.source)  # model, optimizer, step, data position, RNG
+            restore(self.engine, path, self.source, self.stage)  # model, optimizer, step, data position, RNG
         skipped = self.source.skip_failed(before)  # what is never trained on
         self.guard.reset()
         self.emit({"event": "rollback", "step": nxt, "reason": metrics["anomaly"],
