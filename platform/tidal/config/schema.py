@@ -424,6 +424,10 @@ class RolloutConfig:
     start_timeout_s: float = 600.0  # an engine's start (model load) deadline
     timeout_s: float = 600.0  # one iteration's generation deadline
     sync_timeout_s: float = 300.0  # one weight sync's deadline
+    # a failed sync (deadline, checksum, lost engine) is retried this many times, after
+    # restarting the engines that are lost or failed it; generation lost to a dead engine
+    # is regenerated (same seeds, same samples) up to this many times too
+    retries: int = 2
     sync_bucket_mb: int = 64  # parameters gathered and sent in buckets of at most this size
     # after each sync the engines' log-probs of a fixed probe sequence must match the
     # learner's within this (mean absolute difference); null: 1e-3 in fp32, 5e-2 in bf16

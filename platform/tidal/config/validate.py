@@ -324,6 +324,7 @@ def validate_rlhf(cfg):
     if r.sync_check_tol is not None:
         _check(p, r.sync_check_tol > 0, "rollout.sync_check_tol", "> 0 or null", r.sync_check_tol)
     _check(p, r.samples_every >= 0, "rollout.samples_every", ">= 0 (0: never)", r.samples_every)
+    _check(p, r.retries >= 0, "rollout.retries", ">= 0", r.retries)
     _check(p, 0 < a.clip_low < 1, "algorithm.clip_low", "in (0, 1)", a.clip_low)
     _check(p, a.clip_high > 0, "algorithm.clip_high", "> 0", a.clip_high)
     if a.dual_clip is not None:
@@ -476,6 +477,10 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     except ValueError as e:
         p.append(str(e))
     else:
+        rl_only = sorted({f.spec for f in faults if f.kind in ("kill_engine", "kill_reward")})
+        if rl_only and not hasattr(cfg, "rollout"):
+            p.append(f"train.inject_faults: {', '.join(rl_only)} drill rollout engines and reward actors, "
+                     "which only RL runs (jobs/rlhf.py) have")
         kills = sum(f.kind in ("kill", "kill_in_save") for f in faults)
         if sc.max_failures != -1 and kills > sc.max_failures:
             p.append(f"train.inject_faults: {kills} worker kill(s) need as many retries, but "

@@ -28,8 +28,9 @@ def start(cfg, manifest: Dict, use_gpu: bool, log=print) -> Tuple[Dict, Callable
     r = cfg.rollout
     t0 = time.time()
     log(f"starting {r.engines} rollout engine(s) (vLLM, {'GPU' if use_gpu else 'CPU'})")
-    actors = start_engines(engine_settings(cfg, manifest, use_gpu), r.engines, r.cpus_per_engine,
-                           1 if use_gpu else 0, r.start_timeout_s)
+    restart = {"settings": engine_settings(cfg, manifest, use_gpu), "cpus": r.cpus_per_engine,
+               "gpus": 1 if use_gpu else 0, "timeout_s": r.start_timeout_s}
+    actors = start_engines(restart["settings"], r.engines, restart["cpus"], restart["gpus"], restart["timeout_s"])
     log(f"rollout engines ready in {time.time() - t0:.0f} s")
 
     def close() -> None:
@@ -40,4 +41,5 @@ def start(cfg, manifest: Dict, use_gpu: bool, log=print) -> Tuple[Dict, Callable
                 pass
             ray.kill(a)
 
-    return {"engines": actors, "reward_model": cfg.reward.model}, close
+    # the learner restarts a lost engine with the same recipe (it then owns the replacement)
+    return {"engines": actors, "engine_restart": restart, "reward_model": cfg.reward.model}, close

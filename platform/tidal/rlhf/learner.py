@@ -68,7 +68,8 @@ def _driver(cfg, config: Dict, tok_dir: str) -> RolloutDriver:
     from tidal.rlhf.rollout import EngineGroup
 
     r = cfg.rollout
-    group = EngineGroup(config["engines"], r.timeout_s, r.sync_timeout_s, r.sync_bucket_mb << 20)
+    group = EngineGroup(config["engines"], r.timeout_s, r.sync_timeout_s, r.sync_bucket_mb << 20,
+                        restart=config.get("engine_restart"))
     pool = None
     if config.get("reward_model"):
         from tidal.rlhf.reward_model import RewardModelPool
@@ -81,12 +82,44 @@ def _driver(cfg, config: Dict, tok_dir: str) -> RolloutDriver:
     return driver
 
 
-def _sync(ctx: WorkerContext, engine, source: RolloutSource, probe: List[int]) -> Dict:
+def _push_and_check(ctx: WorkerContext, engine, source: RolloutSource, probe: List[int]) -> Dict:
     version = source.iteration
-    info = S.push(engine, source.driver.group if source.driver else None, version)
-    info.update(S.check_parity(engine, source.driver.group if source.driver else None, probe,
-                               sync_tolerance(ctx.cfg, engine.precision), version))
+    group = source.driver.group if source.driver else None
+    info = S.push(engine, group, version)
+    info.update(S.check_parity(engine, group, probe, sync_tolerance(ctx.cfg, engine.precision), version))
     return info
+
+
+def _sync(ctx: WorkerContext, engine, source: RolloutSource, probe: List[int]) -> Dict:
+    """Push the policy to every engine and check it arrived (collective). A failed sync (a
+    deadline, a checksum or parity mismatch, a lost engine) is retried up to
+    ``rollout.retries`` times after restarting the engines that are lost, or all of them
+    when none is (an engine that answers but holds the wrong weights is re-created)."""
+    from tidal.rlhf.rollout import RolloutError, WeightSyncError
+
+    retries = ctx.cfg.rollout.retries
+    for attempt in range(retries + 1):
+        try:
+            info = _push_and_check(ctx, engine, source, probe)
+            return {**info, "sync_attempts": attempt + 1}
+        except WeightSyncError as e:
+            if attempt == retries:
+                raise
+            replaced = None
+            if ctx.rank == 0:
+                group = source.driver.group
+                alive = group.alive()
+                dead = [k for k in range(len(group.actors)) if k not in alive] or list(range(len(group.actors)))
+                try:
+                    replaced = group.replace(dead)
+                except RolloutError as again:
+                    replaced = {"_error": f"{e}; restarting the engines failed: {again}"}
+            replaced = C.broadcast(replaced, ctx.world)
+            if "_error" in replaced:
+                raise WeightSyncError(replaced["_error"]) from e
+            ctx.emit({"event": "sync_retry", "step": source.iteration, "attempt": attempt + 1,
+                      "reason": str(e), **replaced})
+    raise AssertionError("unreachable")
 
 
 # the value model's step metrics, as the iteration reports them
@@ -174,6 +207,8 @@ def rl_loop_per_worker(config: Dict[str, Any]) -> None:
                stage=source.kl)
     ctx.restore(prompts=len(source.prompts))
     probe = source.prompt_at(0)["ids"][: cfg.data.seq_len]
+    source.emit, source.injector = ctx.emit, ctx.injector
+    source.resync = lambda: _sync(ctx, engine, source, probe)
     sync_info = _sync(ctx, engine, source, probe)  # the engines serve this iteration's policy
     end, t = cfg.train.stop_at_step or cfg.train.max_steps, cfg.train
     if source.iteration == 0 and t.eval_every:  # the starting policy's held-out reward

@@ -38,6 +38,14 @@ class StaleWeights(RolloutError):
     """An engine holds another weight version than the one asked for."""
 
 
+class EngineLost(RolloutError):
+    """Rollout engines died (or stopped answering): ``dead`` holds their indices."""
+
+    def __init__(self, message: str, dead: List[int]):
+        super().__init__(message)
+        self.dead = dead
+
+
 class WeightSyncError(RolloutError):
     """A weight sync failed: a deadline, a checksum mismatch, or a parity check."""
 
@@ -168,6 +176,19 @@ class RolloutEngine:
         out = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids))], sp, use_tqdm=False)[0]
         return [float(step[tok].logprob) for tok, step in zip(ids[1:], out.prompt_logprobs[1:])]
 
+    def die_in(self, seconds: float) -> int:
+        """A fault drill (``train.inject_faults`` ``kill_engine``): this engine's process
+        SIGKILLs itself ``seconds`` from now, in the middle of whatever it is doing then."""
+        import signal
+        import threading
+
+        def kill():
+            time.sleep(seconds)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=kill, daemon=True).start()
+        return os.getpid()
+
     def shutdown(self) -> None:
         import gc
 
@@ -194,7 +215,7 @@ def _wait(refs, timeout_s: float, what: str):
 
 
 def start_engines(settings: EngineSettings, count: int, cpus: int, gpus: float,
-                  timeout_s: float) -> List:
+                  timeout_s: float, first_index: int = 0) -> List:
     """``count`` engine actors, started in parallel; waits until each has loaded its model."""
     import ray
 
@@ -204,7 +225,7 @@ def start_engines(settings: EngineSettings, count: int, cpus: int, gpus: float,
            "TOKENIZERS_PARALLELISM": "false"}
     cls = ray.remote(RolloutEngine)
     actors = [cls.options(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
-                          name=None).remote(settings, i) for i in range(count)]
+                          name=None).remote(settings, first_index + i) for i in range(count)]
     _wait([a.info.remote() for a in actors], timeout_s, f"starting {count} rollout engine(s)")
     return actors
 
@@ -213,25 +234,92 @@ class EngineGroup:
     """The learner's view of the rollout engines: generation split over them, and the
     versioned weight sync with its checks. Every call has a deadline."""
 
-    def __init__(self, actors: List, timeout_s: float, sync_timeout_s: float, bucket_bytes: int):
+    def __init__(self, actors: List, timeout_s: float, sync_timeout_s: float, bucket_bytes: int,
+                 restart: Optional[Dict] = None):
+        """``restart``: how to start a replacement engine (``settings``, ``cpus``, ``gpus``,
+        ``timeout_s``: :func:`start_engines`' arguments); None: lost engines stay lost."""
         self.actors = list(actors)
         self.timeout_s, self.sync_timeout_s, self.bucket_bytes = timeout_s, sync_timeout_s, bucket_bytes
+        self.restart = restart
         self.version: Optional[int] = None
+        self.started = len(self.actors)  # engines ever started: a replacement's index
 
     def generate(self, prompts: List[List[int]], seeds: List[List[int]], max_tokens: int,
-                 temperature: float) -> List[List[Dict]]:
+                 temperature: float, kill_one: bool = False) -> List[List[Dict]]:
         """Samples for every prompt, the prompts split over the engines in contiguous parts
-        (the seeds make the result independent of the split)."""
+        (the seeds make the result independent of the split). Raises :class:`EngineLost`
+        naming the engines that died or missed the deadline. ``kill_one``: a fault drill,
+        the first engine SIGKILLs itself during this generation."""
         if self.version is None:
             raise StaleWeights("generation before the first weight sync")
+        if kill_one:
+            self.actors[0].die_in.remote(0.05)
         parts = np.array_split(np.arange(len(prompts)), len(self.actors))
-        refs = [a.generate.remote([prompts[i] for i in idx], [seeds[i] for i in idx], max_tokens,
-                                  temperature, self.version)
-                for a, idx in zip(self.actors, parts) if len(idx)]
-        out: List[List[Dict]] = []
-        for chunk in _wait(refs, self.timeout_s, f"generating {len(prompts)} prompts"):
-            out.extend(chunk)
+        work = [(k, a.generate.remote([prompts[i] for i in idx], [seeds[i] for i in idx], max_tokens,
+                                      temperature, self.version))
+                for k, (a, idx) in enumerate(zip(self.actors, parts)) if len(idx)]
+        chunks = self._gather(work, self.timeout_s, f"generating {len(prompts)} prompts")
+        return [row for chunk in chunks for row in chunk]
+
+    def _gather(self, work: List, timeout_s: float, what: str) -> List:
+        """Results of ``(engine index, ref)`` pairs in order, within one deadline; the
+        engines that died or did not answer in time are named in :class:`EngineLost`."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        deadline = time.time() + timeout_s
+        out, dead, reasons = [], [], []
+        for k, ref in work:
+            try:
+                out.append(ray.get(ref, timeout=max(0.1, deadline - time.time())))
+            except RayActorError as e:
+                dead.append(k)
+                reasons.append(f"engine {k} died ({type(e).__name__})")
+            except ray.exceptions.GetTimeoutError:
+                dead.append(k)
+                reasons.append(f"engine {k} gave no answer within {timeout_s:.0f} s")
+            except ray.exceptions.RayTaskError as e:
+                cause = e.as_instanceof_cause()
+                if isinstance(cause, RolloutError):
+                    raise type(cause)(f"{what}: {cause}") from e
+                raise RolloutError(f"{what}: {cause}") from e
+        if dead:
+            raise EngineLost(f"{what}: {'; '.join(reasons)}", dead)
         return out
+
+    def alive(self, timeout_s: float = 30.0) -> List[int]:
+        """Indices of the engines that answer a ping within ``timeout_s`` (the others are lost)."""
+        try:
+            self._gather([(k, a.info.remote()) for k, a in enumerate(self.actors)], timeout_s, "ping")
+            return list(range(len(self.actors)))
+        except EngineLost as e:
+            return [k for k in range(len(self.actors)) if k not in e.dead]
+
+    def replace(self, dead: List[int]) -> Dict:
+        """Kill the engines ``dead`` (if anything is left of them) and start replacements
+        from the run's initial weights; the group must be synced before it generates again.
+        Without a restart recipe the lost engines are dropped (at least one must remain)."""
+        import ray
+
+        t0 = time.time()
+        for k in dead:
+            try:
+                ray.kill(self.actors[k])
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if self.restart is None:
+            self.actors = [a for k, a in enumerate(self.actors) if k not in dead]
+            if not self.actors:
+                raise RolloutError("every rollout engine is lost and none can be restarted")
+        else:
+            r = self.restart
+            fresh = start_engines(r["settings"], len(dead), r["cpus"], r["gpus"], r["timeout_s"],
+                                  first_index=self.started)
+            self.started += len(dead)
+            for k, actor in zip(dead, fresh):
+                self.actors[k] = actor
+        self.version = None  # the replacements hold the initial weights: sync before generating
+        return {"engines_lost": len(dead), "engines": len(self.actors), "restart_s": time.time() - t0}
 
     def probe(self, ids: List[int]) -> List[List[float]]:
         return _wait([a.probe.remote(ids) for a in self.actors], self.sync_timeout_s, "parity probe")

@@ -15,7 +15,7 @@ restarted run regenerates the same rollout from the same seeds.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from tidal.objectives.batch import Batch
 from tidal.objectives.logprobs import IGNORE, model_token_logprobs
 from tidal.parallel import collectives as C
 from tidal.rlhf import algorithms as A
-from tidal.rlhf.rollout import sample_seed
+from tidal.rlhf.rollout import EngineLost, RolloutError, sample_seed
 
 VAL_ITERATION = -1  # the seed slot of held-out generations: the same samples at every evaluation
 
@@ -36,12 +36,19 @@ class RolloutDriver:
         self.cfg, self.group, self.scorer, self.tok = cfg, group, scorer, tokenizer
         self.pool = None  # the reward model's actors, when there is one
 
-    def rollout(self, prompts: List[Dict], positions: List[int], iteration: int, n: int) -> Dict:
+    def rollout(self, prompts: List[Dict], positions: List[int], iteration: int, n: int,
+                kill_engine: bool = False, kill_reward: bool = False) -> Dict:
+        """``kill_engine``/``kill_reward``: fault drills (``train.inject_faults``)."""
+        import ray
+
         r = self.cfg.rollout
         seeds = [[sample_seed(self.cfg.train.seed, iteration, p, s) for s in range(n)] for p in positions]
         t0 = time.time()
-        out = self.group.generate([p["ids"] for p in prompts], seeds, r.max_tokens, r.temperature)
+        out = self.group.generate([p["ids"] for p in prompts], seeds, r.max_tokens, r.temperature,
+                                  kill_one=kill_engine)
         gen_s = time.time() - t0
+        if kill_reward and self.pool is not None and self.pool.actors:
+            ray.kill(self.pool.actors[0], no_restart=True)  # the pool must replace it and re-score
         samples = [(i, s) for i, row in enumerate(out) for s in row]
         completions = [self.tok.decode(s["ids"], skip_special_tokens=True) for _, s in samples]
         t1 = time.time()
@@ -71,6 +78,11 @@ class RolloutSource:
         self.skipped: List[List[int]] = []
         self.rows: List[Dict] = []  # this rank's rows of the current rollout, by minibatch
         self.minibatch = 0
+        # set by the learner: events to the driver, a collective weight sync to every engine
+        # (after engines were replaced), and the fault drills
+        self.emit: Callable[[Dict], None] = lambda record: None
+        self.resync: Optional[Callable[[], Dict]] = None
+        self.injector = None
 
     # -- the prompt stream -------------------------------------------------------------
     def positions(self, iteration: int) -> List[int]:
@@ -122,14 +134,9 @@ class RolloutSource:
         from GAE over the KL-penalised rewards; otherwise per sequence from the group
         estimator. The KL controller then takes the rollout's KL."""
         cfg, n = self.cfg, self.cfg.rollout.n
-        payload = None
-        if self.rank == 0:
-            positions = self.positions(self.iteration)
-            prompts = [self.prompt_at(p) for p in positions]
-            payload = self.driver.rollout(prompts, positions, self.iteration, n)
-            payload["prompt_ids"] = [prompts[i]["ids"] for i in payload["owner"]]
-            payload["prompt_text"] = [prompts[i]["text"] for i in payload["owner"]]
-        payload = C.broadcast(payload, self.world)
+        positions = self.positions(self.iteration)
+        prompts = [self.prompt_at(p) for p in positions] if self.rank == 0 else []
+        payload = self.generate(prompts, positions, self.iteration, n)
         t0 = time.time()
         rows = [{"prompt": payload["prompt_ids"][i], "response": payload["responses"][i],
                  "rollout_logp": payload["logps"][i], "index": i} for i in range(len(payload["responses"]))]
@@ -210,6 +217,46 @@ class RolloutSource:
             if mask[j].any():
                 seq[r["index"]] = float(adv[j][mask[j]].mean())
         return C.all_sum(seq, self.world)
+
+    def generate(self, prompts: List[Dict], positions: List[int], iteration: int, n: int) -> Dict:
+        """Rank 0 generates and scores ``prompts`` (the other ranks pass nothing); every
+        rank gets the payload. When engines die mid-generation (or miss the deadline) rank 0
+        replaces them, every rank takes part in syncing the current weights to the group,
+        and the iteration is generated again: the same seeds give the same samples, so the
+        run goes on as if nothing happened (the event is logged). ``rollout.retries`` bounds it."""
+        retries = self.cfg.rollout.retries
+        for attempt in range(retries + 1):
+            payload = None
+            if self.rank == 0:
+                step = iteration + 1
+                drill = self.injector is not None and iteration >= 0
+                try:
+                    payload = self.driver.rollout(prompts, positions, iteration, n,
+                                                  kill_engine=drill and self.injector.once("kill_engine", step),
+                                                  kill_reward=drill and self.injector.once("kill_reward", step))
+                    payload["prompt_ids"] = [prompts[i]["ids"] for i in payload["owner"]]
+                    payload["prompt_text"] = [prompts[i]["text"] for i in payload["owner"]]
+                except EngineLost as e:
+                    payload = {"_error": str(e)}
+                    if attempt < retries and self.resync is not None:
+                        t0 = time.time()
+                        try:
+                            payload = {"_lost": str(e), **self.driver.group.replace(e.dead), "_t0": t0}
+                        except RolloutError as again:
+                            payload = {"_error": f"{e}; restarting the engines failed: {again}"}
+                except RolloutError as e:
+                    payload = {"_error": str(e)}
+            payload = C.broadcast(payload, self.world)
+            if "_error" in payload:
+                raise RolloutError(f"iteration {iteration + 1}: {payload['_error']}")
+            if "_lost" not in payload:
+                return payload
+            info = self.resync()  # every rank: the replacements get the current policy
+            self.emit({"event": "engine_lost", "step": self.iteration, "iteration": iteration + 1,
+                       "attempt": attempt + 1, "reason": payload["_lost"], "engines_lost": payload["engines_lost"],
+                       "restart_s": payload["restart_s"], "sync_s": info.get("sync_s"),
+                       "recovery_s": time.time() - payload["_t0"]})
+        raise AssertionError("unreachable")  # the last attempt either returns or raises
 
     @torch.no_grad()
     def _learner_logps(self, engine, reference, rows: List[Dict], critic=None) -> None:
@@ -317,10 +364,9 @@ class RolloutSource:
 
     def held_out(self) -> Dict:
         """Mean reward of one sample per held-out prompt (the same seeds every time)."""
-        out = None
-        if self.rank == 0 and self.val_prompts:
-            payload = self.driver.rollout(self.val_prompts, list(range(len(self.val_prompts))),
-                                          VAL_ITERATION, 1)
-            out = {"val_reward": float(np.mean(payload["rewards"])),
-                   "val_response_len": float(np.mean([len(r) for r in payload["responses"]]))}
-        return C.broadcast(out, self.world) or {}
+        if not self.val_prompts:
+            return {}
+        payload = self.generate(self.val_prompts if self.rank == 0 else [], list(range(len(self.val_prompts))),
+                                VAL_ITERATION, 1)
+        return {"val_reward": float(np.mean(payload["rewards"])),
+                "val_response_len": float(np.mean([len(r) for r in payload["responses"]]))}

@@ -8,7 +8,11 @@
 - ``crash@S[:R]``        like ``kill``, but on every attempt (a bug or a bad batch at step S:
                          the run must stop itself instead of retrying forever);
 - ``nan@S``              step S's loss becomes NaN (so do its gradients);
-- ``spike@S``            step S's loss is multiplied by 50 (a loss and gradient spike).
+- ``spike@S``            step S's loss is multiplied by 50 (a loss and gradient spike);
+- ``kill_engine@S``      RL: a rollout engine's process SIGKILLs itself while it generates
+                         iteration S (the learners regenerate the iteration on a restart);
+- ``kill_reward@S``      RL: a reward-model actor is killed before it scores iteration S
+                         (its batch is re-scored on a replacement).
 
 Each fault except ``crash`` fires once per run: a marker under ``<run storage>/faults/`` is written before
 it fires, so the recovered run does not meet it again. Nothing fires unless configured.
@@ -23,7 +27,7 @@ from typing import List, Optional
 
 from tidal.data import io as tio
 
-KINDS = ("kill", "kill_in_save", "crash", "nan", "spike")
+KINDS = ("kill", "kill_in_save", "crash", "nan", "spike", "kill_engine", "kill_reward")
 SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?$")
 SPIKE_SCALE = 50.0
 
@@ -82,6 +86,12 @@ class Injector:
         f = self._due(kind, step)
         if f is not None and self.rank == 0:
             tio.write_bytes(self._marker(f), b"fired\n")
+
+    def once(self, kind: str, step: int) -> bool:
+        """Whether the fault ``kind`` is due at ``step`` and has not fired yet (marking it
+        fired): for faults that the loop carries out on something else (an engine, an actor)."""
+        f = self._due(kind, step)
+        return f is not None and self._fire_once(f)
 
     def maybe_kill(self, kind: str, step: int) -> None:
         f = self._due(kind, step)
