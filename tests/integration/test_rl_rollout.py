@@ -39,12 +39,19 @@ def engines(tmp_path_factory, ray_local):
     settings = EngineSettings(model_dir=d, dtype="float32", max_model_len=128, seed=0, use_gpu=False,
                               kv_cache_bytes=64 << 20, gpu_memory_utilization=0.5, eos_id=EOS)
     actors = start_engines(settings, 2, cpus=1, gpus=0, timeout_s=600)
+    RESTART.update(settings=settings, cpus=1, gpus=0, timeout_s=600)
     yield actors
     import ray
 
     for a in actors:
-        ray.get(a.shutdown.remote(), timeout=60)
+        try:
+            ray.get(a.shutdown.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - a drill below killed it
+            pass
         ray.kill(a)
+
+
+RESTART = {}  # how a group restarts an engine: the fixture's settings
 
 
 def group_of(actors):
@@ -119,3 +126,69 @@ def test_a_sync_that_changes_nothing_is_caught(engines):
     info = push(learner, group, 2)  # the learner's own path: every tensor under its HF name
     assert info["sync_tensors"] == len(new.state_dict())
     assert check_parity(learner, group, probe, tol=1e-3, version=2)["sync_parity_gap"] < 1e-4
+
+
+@pytest.mark.slow  # three engine restarts
+def test_lost_and_lying_engines_are_recreated_and_resynced(engines):
+    """Runs last (it kills the module's engines). A sync that an engine dies in, and one
+    whose engines answer but serve the old weights, are retried on re-created engines,
+    which then serve the current policy: the same seeds give the samples they gave before."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from tidal.rlhf.rollout import EngineGroup, EngineLost, WeightSyncError, sample_seed
+    from tidal.rlhf.sync import check_parity, hf_weights, push, with_retries
+
+    group = EngineGroup(list(engines), timeout_s=300, sync_timeout_s=120, bucket_bytes=40_000, restart=RESTART)
+    new = tiny_llama(3)
+    learner = SimpleNamespace(model=new, rank=0, world=1, device=torch.device("cpu"))
+    probe = list(range(3, 30))
+    push(learner, group, 1)
+    prompts = [[5, 6, 7], [8, 9]]
+    seeds = [[sample_seed(4, 1, p, s) for s in range(2)] for p in range(2)]
+    before = group.generate(prompts, seeds, max_tokens=6, temperature=1.0)
+
+    # an engine dies in the middle of a generation: named, replaced, the group must resync
+    with pytest.raises(EngineLost) as lost:
+        group.generate(prompts, seeds, max_tokens=6, temperature=1.0, kill_one=True)
+    assert lost.value.dead == [0] and group.alive() == [1]
+    pids = [ray.get(a.info.remote())["pid"] for a in group.actors[1:]]
+    info = group.replace(lost.value.dead)
+    assert info["engines_lost"] == 1 and group.version is None and group.alive() == [0, 1]
+    assert ray.get(group.actors[1].info.remote())["pid"] == pids[0]  # the survivor was kept
+
+    events, calls = [], []
+
+    def attempt(skip_apply: bool):
+        calls.append(skip_apply)
+        if skip_apply:  # the engines take the weights but keep serving the old ones
+            group.sync(hf_weights(new, 0), 2,
+                       drill_skip_apply=True)
+            return check_parity(learner, group, probe, tol=1e-3, version=2)
+        out = push(learner, group, 2)
+        out.update(check_parity(learner, group, probe, tol=1e-3, version=2))
+        return out
+
+    old = [ray.get(a.info.remote())["pid"] for a in group.actors]
+    info = with_retries(lambda: attempt(len(calls) == 0), group, 2, 0, 1, events.append, 2)
+    assert calls == [True, False] and info["sync_attempts"] == 2 and info["sync_parity_gap"] < 1e-4
+    assert [e["event"] for e in events] == ["sync_retry"] and events[0]["engines_lost"] == 2
+    assert "do not serve the learner's weights" in events[0]["reason"]
+    now = [ray.get(a.info.remote())["pid"] for a in group.actors]
+    assert not set(now) & set(old)  # both were re-created: they answered, with the wrong weights
+    # the re-created engines serve the current policy: the samples of before, exactly
+    assert group.generate(prompts, seeds, max_tokens=6, temperature=1.0) == [
+        [{**s, "version": 2} for s in row] for row in before]
+
+    # retries are bounded: the last failure is raised, typed
+    def never():
+        raise WeightSyncError("no engine took the weights")
+
+    events.clear()
+    with pytest.raises(WeightSyncError, match="no engine took"):
+        with_retries(never, group, 0, 0, 1, events.append, 3)
+    assert events == []
+    for a in group.actors:
+        ray.get(a.shutdown.remote(), timeout=60)
+        ray.kill(a)

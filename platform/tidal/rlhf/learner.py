@@ -91,35 +91,12 @@ def _push_and_check(ctx: WorkerContext, engine, source: RolloutSource, probe: Li
 
 
 def _sync(ctx: WorkerContext, engine, source: RolloutSource, probe: List[int]) -> Dict:
-    """Push the policy to every engine and check it arrived (collective). A failed sync (a
-    deadline, a checksum or parity mismatch, a lost engine) is retried up to
-    ``rollout.retries`` times after restarting the engines that are lost, or all of them
-    when none is (an engine that answers but holds the wrong weights is re-created)."""
-    from tidal.rlhf.rollout import RolloutError, WeightSyncError
-
-    retries = ctx.cfg.rollout.retries
-    for attempt in range(retries + 1):
-        try:
-            info = _push_and_check(ctx, engine, source, probe)
-            return {**info, "sync_attempts": attempt + 1}
-        except WeightSyncError as e:
-            if attempt == retries:
-                raise
-            replaced = None
-            if ctx.rank == 0:
-                group = source.driver.group
-                alive = group.alive()
-                dead = [k for k in range(len(group.actors)) if k not in alive] or list(range(len(group.actors)))
-                try:
-                    replaced = group.replace(dead)
-                except RolloutError as again:
-                    replaced = {"_error": f"{e}; restarting the engines failed: {again}"}
-            replaced = C.broadcast(replaced, ctx.world)
-            if "_error" in replaced:
-                raise WeightSyncError(replaced["_error"]) from e
-            ctx.emit({"event": "sync_retry", "step": source.iteration, "attempt": attempt + 1,
-                      "reason": str(e), **replaced})
-    raise AssertionError("unreachable")
+    """Push the policy to every engine and check it arrived (collective); a failed sync (a
+    deadline, a checksum or parity mismatch, a lost engine) is retried ``rollout.retries``
+    times on restarted engines (``sync.with_retries``)."""
+    group = source.driver.group if source.driver else None
+    return S.with_retries(lambda: _push_and_check(ctx, engine, source, probe), group, ctx.cfg.rollout.retries,
+                          ctx.rank, ctx.world, ctx.emit, source.iteration)
 
 
 # the value model's step metrics, as the iteration reports them

@@ -102,6 +102,7 @@ class RolloutEngine:
         self.staged: List = []
         self.hasher = None
         self.pending: Optional[int] = None
+        self.doomed = False  # a fault drill armed (arm_kill)
         self.start_s = time.time() - t0
 
     def info(self) -> Dict:
@@ -144,6 +145,10 @@ class RolloutEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self.doomed:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         if version != self.version:
             raise StaleWeights(f"engine {self.index} holds weights version {self.version}, "
                                f"asked to generate with version {version}")
@@ -176,17 +181,10 @@ class RolloutEngine:
         out = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids))], sp, use_tqdm=False)[0]
         return [float(step[tok].logprob) for tok, step in zip(ids[1:], out.prompt_logprobs[1:])]
 
-    def die_in(self, seconds: float) -> int:
+    def arm_kill(self) -> int:
         """A fault drill (``train.inject_faults`` ``kill_engine``): this engine's process
-        SIGKILLs itself ``seconds`` from now, in the middle of whatever it is doing then."""
-        import signal
-        import threading
-
-        def kill():
-            time.sleep(seconds)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        threading.Thread(target=kill, daemon=True).start()
+        SIGKILLs itself when its next generation request arrives, with the request in flight."""
+        self.doomed = True
         return os.getpid()
 
     def shutdown(self) -> None:
@@ -253,7 +251,7 @@ class EngineGroup:
         if self.version is None:
             raise StaleWeights("generation before the first weight sync")
         if kill_one:
-            self.actors[0].die_in.remote(0.05)
+            self.actors[0].arm_kill.remote()  # queued before its generation request
         parts = np.array_split(np.arange(len(prompts)), len(self.actors))
         work = [(k, a.generate.remote([prompts[i] for i in idx], [seeds[i] for i in idx], max_tokens,
                                       temperature, self.version))

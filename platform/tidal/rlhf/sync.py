@@ -13,12 +13,12 @@ instead of training on samples from stale weights.
 from __future__ import annotations
 
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from tidal.parallel import collectives as C
-from tidal.rlhf.rollout import WeightSyncError
+from tidal.rlhf.rollout import RolloutError, WeightSyncError
 
 PEFT_PREFIX = "base_model.model."
 
@@ -119,3 +119,30 @@ def check_parity(engine, group, probe: List[int], tol: float, version: int) -> D
     if "error" in verdict:
         raise WeightSyncError(verdict["error"])
     return {"sync_parity_gap": verdict["gap"], "sync_check_s": time.time() - t0}
+
+
+def with_retries(attempt: Callable[[], Dict], group, retries: int, rank: int, world: int,
+                 emit: Callable[[Dict], None], step: int) -> Dict:
+    """Run ``attempt`` (a collective sync + check that raises :class:`WeightSyncError` on
+    every rank) up to ``retries + 1`` times. Between attempts rank 0 restarts the engines
+    that are lost, or every engine when none is (one that answers but serves the wrong
+    weights is re-created), and the retry is logged; the last failure is raised."""
+    for n in range(retries + 1):
+        try:
+            return {**attempt(), "sync_attempts": n + 1}
+        except WeightSyncError as e:
+            if n == retries:
+                raise
+            replaced = None
+            if rank == 0:
+                alive = group.alive()
+                dead = [k for k in range(len(group.actors)) if k not in alive] or list(range(len(group.actors)))
+                try:
+                    replaced = group.replace(dead)
+                except RolloutError as again:
+                    replaced = {"_error": f"{e}; restarting the engines failed: {again}"}
+            replaced = C.broadcast(replaced, world)
+            if "_error" in replaced:
+                raise WeightSyncError(replaced["_error"]) from e
+            emit({"event": "sync_retry", "step": step, "attempt": n + 1, "reason": str(e), **replaced})
+    raise AssertionError("unreachable")
