@@ -52,42 +52,6 @@ def test_sigkilled_workers_recover_bit_exactly(baseline, out):
         assert integrity.verify(path) == [], path  # the re-done save at 8 was committed
 
 
-def test_damaged_checkpoints_are_skipped(baseline, out):
-    name = "damaged"
-    run_stage("pretrain", small_cfg(out, run={"name": name}, train=DET))
-    storage = os.path.join(str(out), name)
-    ckpts = dict(integrity.list_checkpoints(storage))
-    assert sorted(ckpts) == [4, 8, 12]
-    os.remove(os.path.join(ckpts[12], integrity.COMMIT))          # newest: never committed
-    shard = os.path.join(ckpts[8], "__1_0.distcp")
-    with open(shard, "r+b") as f:                                  # truncated shard
-        f.truncate(os.path.getsize(shard) // 2)
-    shard = os.path.join(ckpts[4], "__0_0.distcp")
-    with open(shard, "r+b") as f:                                  # flipped bytes, same size
-        f.seek(100)
-        b = f.read(8)
-        f.seek(100)
-        f.write(bytes(x ^ 0xFF for x in b))
-    path, skipped = integrity.latest_valid(storage)
-    assert path is None
-    reasons = {s["step"]: " ".join(s["problems"]) for s in skipped}
-    assert "never finished" in reasons[12]
-    assert "truncated" in reasons[8] and "__1_0.distcp" in reasons[8]
-    assert "corrupted" in reasons[4] and "__0_0.distcp" in reasons[4]
-
-    # repair checkpoint 4 from a copy: now it is the newest good one, and a relaunch of
-    # the run resumes there and reproduces the uninterrupted losses
-    shutil.rmtree(ckpts[4])
-    shutil.copytree(os.path.join(str(out), "baseline", "checkpoint_0000004"), ckpts[4])
-    resumed = run_stage("pretrain", small_cfg(out, run={"name": name}, train=DET))
-    ev = events(resumed["run_dir"])
-    assert {e["step"] for e in ev if e["event"] == "checkpoint_skipped"} == {8, 12}
-    # events.jsonl keeps every driver session: the first run's start, then this one's
-    assert [e["step"] for e in ev if e["event"] == "start"] == [0, 4]
-    for r in records(resumed["run_dir"]):
-        assert r["loss"] == baseline[r["step"]]["loss"], r["step"]
-
-
 def test_divergence_rolls_back_and_skips_the_window(ray_local, out):
     guard = {"min_history": 3, "window": 10, "loss_spike_factor": 3.0}
     cfg = small_cfg(out, run={"name": "diverge"}, train={
@@ -145,9 +109,15 @@ def test_resume_refuses_a_changed_meaning_unless_allowed(ray_local, out):
     assert recs[-1]["lr"] < 1e-3 + 1e-12 and recs[-1]["lr"] > 0
 
 
-def test_async_checkpoints_commit_and_leave_training_unchanged(baseline, out):
-    summary = run_stage("pretrain", small_cfg(out, run={"name": "async"},
-                                     train={**DET, "async_checkpoint": True}))
+@pytest.fixture(scope="module")
+def async_run(baseline, out):
+    """The baseline's run with asynchronous checkpoints (4, 8 and 12)."""
+    return run_stage("pretrain", small_cfg(out, run={"name": "async"},
+                                           train={**DET, "async_checkpoint": True}))
+
+
+def test_async_checkpoints_commit_and_leave_training_unchanged(async_run, baseline, out):
+    summary = async_run
     for r in records(summary["run_dir"]):
         assert r["loss"] == baseline[r["step"]]["loss"], r["step"]
     saves = [e for e in events(summary["run_dir"]) if e["event"] == "checkpoint"]
@@ -158,5 +128,42 @@ def test_async_checkpoints_commit_and_leave_training_unchanged(baseline, out):
     # an async checkpoint restores like any other
     resumed = run_stage("pretrain", small_cfg(out, run={"name": "async-resume", "resume_from": os.path.join(
         str(out), "async", "checkpoint_0000008")}, train=DET))
+    for r in records(resumed["run_dir"]):
+        assert r["loss"] == baseline[r["step"]]["loss"], r["step"]
+
+
+def test_damaged_checkpoints_are_skipped(async_run, baseline, out):
+    # the async run's checkpoints (after the test above used them intact), damaged three ways
+    name = "async"
+    storage = os.path.join(str(out), name)
+    ckpts = dict(integrity.list_checkpoints(storage))
+    assert sorted(ckpts) == [4, 8, 12]
+    os.remove(os.path.join(ckpts[12], integrity.COMMIT))          # newest: never committed
+    shard = os.path.join(ckpts[8], "__1_0.distcp")
+    with open(shard, "r+b") as f:                                  # truncated shard
+        f.truncate(os.path.getsize(shard) // 2)
+    shard = os.path.join(ckpts[4], "__0_0.distcp")
+    with open(shard, "r+b") as f:                                  # flipped bytes, same size
+        f.seek(100)
+        b = f.read(8)
+        f.seek(100)
+        f.write(bytes(x ^ 0xFF for x in b))
+    path, skipped = integrity.latest_valid(storage)
+    assert path is None
+    reasons = {s["step"]: " ".join(s["problems"]) for s in skipped}
+    assert "never finished" in reasons[12]
+    assert "truncated" in reasons[8] and "__1_0.distcp" in reasons[8]
+    assert "corrupted" in reasons[4] and "__0_0.distcp" in reasons[4]
+
+    # repair checkpoint 4 from a copy: now it is the newest good one, and a relaunch of
+    # the run resumes there and reproduces the uninterrupted losses
+    shutil.rmtree(ckpts[4])
+    shutil.copytree(os.path.join(str(out), "baseline", "checkpoint_0000004"), ckpts[4])
+    resumed = run_stage("pretrain", small_cfg(out, run={"name": name},
+                                              train={**DET, "async_checkpoint": True}))
+    ev = events(resumed["run_dir"])
+    assert {e["step"] for e in ev if e["event"] == "checkpoint_skipped"} == {8, 12}
+    # events.jsonl keeps every driver session: the first run's start, then this one's
+    assert [e["step"] for e in ev if e["event"] == "start"] == [0, 4]
     for r in records(resumed["run_dir"]):
         assert r["loss"] == baseline[r["step"]]["loss"], r["step"]
