@@ -432,6 +432,11 @@ class RolloutConfig:
     # after each sync the engines' log-probs of a fixed probe sequence must match the
     # learner's within this (mean absolute difference); null: 1e-3 in fp32, 5e-2 in bf16
     sync_check_tol: Optional[float] = None
+    # asynchronous mode: 0 = synchronous (generate, then train); k >= 1: the engines generate
+    # the next iteration while the learners train, with a policy at most k versions old
+    # (weights synced every k iterations); older samples are rejected, the rest corrected by
+    # truncated importance sampling (algorithm.tis; token level when off)
+    max_staleness: int = 0
     samples_every: int = 5  # iterations between samples.jsonl records (0: never)
     samples_per_record: int = 4
 

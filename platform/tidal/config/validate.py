@@ -325,6 +325,7 @@ def validate_rlhf(cfg):
         _check(p, r.sync_check_tol > 0, "rollout.sync_check_tol", "> 0 or null", r.sync_check_tol)
     _check(p, r.samples_every >= 0, "rollout.samples_every", ">= 0 (0: never)", r.samples_every)
     _check(p, r.retries >= 0, "rollout.retries", ">= 0", r.retries)
+    _check(p, r.max_staleness >= 0, "rollout.max_staleness", ">= 0 (0: synchronous)", r.max_staleness)
     _check(p, 0 < a.clip_low < 1, "algorithm.clip_low", "in (0, 1)", a.clip_low)
     _check(p, a.clip_high > 0, "algorithm.clip_high", "> 0", a.clip_high)
     if a.dual_clip is not None:

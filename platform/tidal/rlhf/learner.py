@@ -95,8 +95,10 @@ def _sync(ctx: WorkerContext, engine, source: RolloutSource, probe: List[int]) -
     deadline, a checksum or parity mismatch, a lost engine) is retried ``rollout.retries``
     times on restarted engines (``sync.with_retries``)."""
     group = source.driver.group if source.driver else None
-    return S.with_retries(lambda: _push_and_check(ctx, engine, source, probe), group, ctx.cfg.rollout.retries,
+    info = S.with_retries(lambda: _push_and_check(ctx, engine, source, probe), group, ctx.cfg.rollout.retries,
                           ctx.rank, ctx.world, ctx.emit, source.iteration)
+    source.engine_version = source.iteration
+    return info
 
 
 # the value model's step metrics, as the iteration reports them
@@ -209,11 +211,11 @@ def rl_loop_per_worker(config: Dict[str, Any]) -> None:
         learn_s = time.time() - t1
         source.advance()
         ctx.injector.maybe_kill("kill", source.iteration)
-        sync_info = _sync(ctx, engine, source, probe)
+        last = source.iteration == end
+        sync_info = _sync(ctx, engine, source, probe) if source.needs_sync(last) else {}
         metrics.update(learned, **sync_info, learn_s=learn_s, step=source.iteration,
                        iteration_s=time.time() - t0)
         metrics["sync_share"] = sync_info.get("sync_s", 0.0) / metrics["iteration_s"]  # rank 0 knows
-        last = source.iteration == end
         if t.eval_every and (source.iteration % t.eval_every == 0 or last):
             metrics.update(source.held_out())
         _emit_samples(ctx, payload, source.iteration)

@@ -248,6 +248,13 @@ class EngineGroup:
         (the seeds make the result independent of the split). Raises :class:`EngineLost`
         naming the engines that died or missed the deadline. ``kill_one``: a fault drill,
         the first engine SIGKILLs itself during this generation."""
+        return self.collect(self.submit(prompts, seeds, max_tokens, temperature, kill_one))
+
+    def submit(self, prompts: List[List[int]], seeds: List[List[int]], max_tokens: int,
+               temperature: float, kill_one: bool = False) -> Dict:
+        """Start a generation and return at once (``collect`` waits for it): the engines
+        work while the caller does something else. A weight sync submitted afterwards runs
+        on each engine after this generation (an actor takes its calls in order)."""
         if self.version is None:
             raise StaleWeights("generation before the first weight sync")
         if kill_one:
@@ -256,7 +263,11 @@ class EngineGroup:
         work = [(k, a.generate.remote([prompts[i] for i in idx], [seeds[i] for i in idx], max_tokens,
                                       temperature, self.version))
                 for k, (a, idx) in enumerate(zip(self.actors, parts)) if len(idx)]
-        chunks = self._gather(work, self.timeout_s, f"generating {len(prompts)} prompts")
+        return {"work": work, "what": f"generating {len(prompts)} prompts", "deadline": time.time() + self.timeout_s}
+
+    def collect(self, handle: Dict) -> List[List[Dict]]:
+        """The samples of a submitted generation (its deadline counts from the submission)."""
+        chunks = self._gather(handle["work"], max(1.0, handle["deadline"] - time.time()), handle["what"])
         return [row for chunk in chunks for row in chunk]
 
     def _gather(self, work: List, timeout_s: float, what: str) -> List:

@@ -38,15 +38,26 @@ class RolloutDriver:
 
     def rollout(self, prompts: List[Dict], positions: List[int], iteration: int, n: int,
                 kill_engine: bool = False, kill_reward: bool = False) -> Dict:
-        """``kill_engine``/``kill_reward``: fault drills (``train.inject_faults``)."""
-        import ray
+        """Generate and score ``prompts``. ``kill_engine``/``kill_reward``: fault drills
+        (``train.inject_faults``)."""
+        return self.finish(self.launch(prompts, positions, iteration, n, kill_engine), kill_reward)
 
+    def launch(self, prompts: List[Dict], positions: List[int], iteration: int, n: int,
+               kill_engine: bool = False) -> Dict:
+        """Start generating (returns at once); :meth:`finish` collects and scores."""
         r = self.cfg.rollout
         seeds = [[sample_seed(self.cfg.train.seed, iteration, p, s) for s in range(n)] for p in positions]
+        handle = self.group.submit([p["ids"] for p in prompts], seeds, r.max_tokens, r.temperature,
+                                   kill_one=kill_engine)
+        return {**handle, "prompts": prompts, "iteration": iteration, "t0": time.time()}
+
+    def finish(self, handle: Dict, kill_reward: bool = False) -> Dict:
+        import ray
+
+        prompts = handle["prompts"]
         t0 = time.time()
-        out = self.group.generate([p["ids"] for p in prompts], seeds, r.max_tokens, r.temperature,
-                                  kill_one=kill_engine)
-        gen_s = time.time() - t0
+        out = self.group.collect(handle)
+        gen_s = time.time() - t0  # time spent waiting for the engines (all of it when synchronous)
         if kill_reward and self.pool is not None and self.pool.actors:
             ray.kill(self.pool.actors[0], no_restart=True)  # the pool must replace it and re-score
         samples = [(i, s) for i, row in enumerate(out) for s in row]
@@ -60,7 +71,9 @@ class RolloutDriver:
                 "versions": [s["version"] for _, s in samples], "completions": completions,
                 "rewards": res.total.tolist(), "dropped": res.dropped.tolist(),
                 "parts": {k: v.tolist() for k, v in res.parts.items()}, "errors": dict(res.errors),
-                "gen_s": gen_s, "score_s": time.time() - t1}
+                "gen_s": gen_s, "gen_wall_s": time.time() - handle["t0"], "score_s": time.time() - t1,
+                "prompt_ids": [prompts[i]["ids"] for i, _ in samples],
+                "prompt_text": [prompts[i]["text"] for i, _ in samples]}
 
 
 class RolloutSource:
@@ -83,6 +96,10 @@ class RolloutSource:
         self.emit: Callable[[Dict], None] = lambda record: None
         self.resync: Optional[Callable[[], Dict]] = None
         self.injector = None
+        # asynchronous mode (rollout.max_staleness > 0): rank 0's generation of the next
+        # iteration, started before this one trains; the engines' weight version
+        self.ahead: Optional[Dict] = None
+        self.engine_version = 0
 
     # -- the prompt stream -------------------------------------------------------------
     def positions(self, iteration: int) -> List[int]:
@@ -104,11 +121,38 @@ class RolloutSource:
         self.iteration += 1
         self.rows, self.minibatch = [], 0
 
+    # -- asynchronous mode -----------------------------------------------------------------
+    def needs_sync(self, last: bool) -> bool:
+        """Whether the engines must get the learner's weights now (the iteration counter
+        just moved to ``self.iteration``). Synchronous: always. With ``max_staleness = k``
+        the next generation starts during the next iteration and is trained on one
+        iteration later, so the engines may hold a policy up to ``k - 1`` versions behind
+        now; the final policy is always synced (held-out evaluation, export)."""
+        k = self.cfg.rollout.max_staleness
+        return k == 0 or last or self.iteration + 1 - self.engine_version > k
+
+    def start_ahead(self) -> None:
+        """Rank 0, asynchronous mode: start generating iteration ``iteration + 1`` with
+        the engines' current weights, to train on it next."""
+        nxt, t = self.iteration + 1, self.cfg.train
+        if self.rank != 0 or not self.cfg.rollout.max_staleness or nxt >= (t.stop_at_step or t.max_steps):
+            return
+        positions = self.positions(nxt)
+        kill = self.injector is not None and self.injector.once("kill_engine", nxt + 1)
+        self.ahead = self.driver.launch([self.prompt_at(p) for p in positions], positions, nxt,
+                                        self.cfg.rollout.n, kill_engine=kill)
+
+    def drop_ahead(self) -> None:
+        """Forget a generation in flight (after a rollback or a restore: its iteration's
+        prompts or weights are no longer the ones to train on)."""
+        self.ahead = None
+
     def skip_failed(self, before: Dict) -> Dict:
         self.skipped = [list(w) for w in before["skipped"]]
         window = [self.iteration, before["iteration"] + 1]
         self.skipped.append(window)
         self.iteration, self.rows, self.minibatch = window[1], [], 0
+        self.drop_ahead()
         p = self.cfg.rollout.prompts_per_iteration
         return {"skipped_samples": [window[0] * p, window[1] * p], "skipped_batches": window[1] - window[0]}
 
@@ -119,6 +163,7 @@ class RolloutSource:
         self.iteration = int(state["iteration"])
         self.skipped = [list(w) for w in state.get("skipped", [])]
         self.rows, self.minibatch = [], 0
+        self.drop_ahead()
 
     # -- one iteration's rollout -----------------------------------------------------------
     def my_rows(self, n_seqs: int) -> List[List[int]]:
@@ -136,7 +181,12 @@ class RolloutSource:
         cfg, n = self.cfg, self.cfg.rollout.n
         positions = self.positions(self.iteration)
         prompts = [self.prompt_at(p) for p in positions] if self.rank == 0 else []
-        payload = self.generate(prompts, positions, self.iteration, n)
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead["iteration"] != self.iteration:
+            ahead = None  # started for another iteration (the run moved since)
+        payload = self.generate(prompts, positions, self.iteration, n, ahead)
+        payload = self._reject_stale(payload)
+        self.start_ahead()  # asynchronous mode: the engines work on the next one meanwhile
         t0 = time.time()
         rows = [{"prompt": payload["prompt_ids"][i], "response": payload["responses"][i],
                  "rollout_logp": payload["logps"][i], "index": i} for i in range(len(payload["responses"]))]
@@ -218,7 +268,19 @@ class RolloutSource:
                 seq[r["index"]] = float(adv[j][mask[j]].mean())
         return C.all_sum(seq, self.world)
 
-    def generate(self, prompts: List[Dict], positions: List[int], iteration: int, n: int) -> Dict:
+    def _reject_stale(self, payload: Dict) -> Dict:
+        """Samples from a policy more than ``max_staleness`` versions behind the learner's
+        are dropped (counted); the realised staleness of the rest is logged."""
+        k = self.cfg.rollout.max_staleness
+        lag = [self.iteration - v for v in payload["versions"]]
+        stale = [x > k for x in lag]
+        payload["dropped"] = [d or s for d, s in zip(payload["dropped"], stale)]
+        payload["staleness"] = lag
+        payload["stale_rejected"] = sum(stale)
+        return payload
+
+    def generate(self, prompts: List[Dict], positions: List[int], iteration: int, n: int,
+                 ahead: Optional[Dict] = None) -> Dict:
         """Rank 0 generates and scores ``prompts`` (the other ranks pass nothing); every
         rank gets the payload. When engines die mid-generation (or miss the deadline) rank 0
         replaces them, every rank takes part in syncing the current weights to the group,
@@ -231,11 +293,13 @@ class RolloutSource:
                 step = iteration + 1
                 drill = self.injector is not None and iteration >= 0
                 try:
-                    payload = self.driver.rollout(prompts, positions, iteration, n,
-                                                  kill_engine=drill and self.injector.once("kill_engine", step),
-                                                  kill_reward=drill and self.injector.once("kill_reward", step))
-                    payload["prompt_ids"] = [prompts[i]["ids"] for i in payload["owner"]]
-                    payload["prompt_text"] = [prompts[i]["text"] for i in payload["owner"]]
+                    kill_reward = drill and self.injector.once("kill_reward", step)
+                    if ahead is not None and attempt == 0:  # started during the last iteration
+                        payload = self.driver.finish(ahead, kill_reward)
+                    else:
+                        payload = self.driver.rollout(prompts, positions, iteration, n,
+                                                      kill_engine=drill and self.injector.once("kill_engine", step),
+                                                      kill_reward=kill_reward)
                 except EngineLost as e:
                     payload = {"_error": str(e)}
                     if attempt < retries and self.resync is not None:
@@ -328,9 +392,12 @@ class RolloutSource:
         batch["loss_mask"] = targets != IGNORE
         if fields:
             alg = self.cfg.algorithm
-            if alg.tis != "off":
+            # asynchronous samples come from an older policy: always corrected (token level
+            # unless algorithm.tis asks for sequence level)
+            level = alg.tis if alg.tis != "off" else ("token" if self.cfg.rollout.max_staleness else "off")
+            if level != "off":
                 floats["is_weights"] = A.truncated_is(floats["old_logp"], floats["rollout_logp"],
-                                                      batch["loss_mask"], alg.tis, alg.tis_cap)
+                                                      batch["loss_mask"], level, alg.tis_cap)
             else:
                 del floats["is_weights"]
             batch.update(floats)
@@ -347,8 +414,14 @@ class RolloutSource:
                "adv_mean": float(adv.mean()), "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
                "kept_frac": float(keep.float().mean()), "reward_errors": sum(payload["errors"].values()),
                "gen_s": payload["gen_s"], "score_s": payload["score_s"],
-               "gen_tokens_per_s": gen_tokens / max(payload["gen_s"], 1e-9),
+               "gen_tokens_per_s": gen_tokens / max(payload["gen_wall_s"], 1e-9),
+               "gen_wall_s": payload["gen_wall_s"],
                "policy_version": max(payload["versions"]) if payload["versions"] else 0}
+        lag = np.asarray(payload["staleness"])
+        out.update(staleness_mean=float(lag.mean()), staleness_max=int(lag.max()),
+                   stale_rejected=payload["stale_rejected"])
+        for v in range(self.cfg.rollout.max_staleness + 1):  # the realised distribution
+            out[f"staleness/{v}"] = float(np.mean(lag == v))
         for name, values in payload["parts"].items():
             out[f"reward/{name}"] = float(np.mean(values))
         # the learner's log-probs against the engine's for the same tokens: training-
