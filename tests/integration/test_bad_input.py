@@ -115,7 +115,7 @@ CONFIG_CASES = [
     ("pretrain.py", ["train.inject_faults=[kill@3,kill@5:1,kill@7,kill@9:1]"],
      "train.inject_faults: 4 worker kill(s) need as many retries, but scaling.max_failures=3"),
     ("rlhf.py", ["model.pretrained=<tiny>", "algorithm=ppo2"],
-     "algorithm: 'ppo2' is not one of dapo, dr_grpo, grpo, reinforce_pp, rloo"),
+     "algorithm: 'ppo2' is not one of dapo, dr_grpo, grpo, ppo, reinforce_pp, rloo"),
     ("rlhf.py", ["model.pretrained=<tiny>", "reward.model=null", "reward.functions=[nopkg.mod:score]"],
      "reward.functions[0]: cannot import 'nopkg.mod:score'"),
     ("rlhf.py", ["reward.model=null", "reward.rules=[prefix_match]", "rollout.n=1"], "rollout.n: must be >= 2"),
@@ -128,6 +128,14 @@ CONFIG_CASES = [
      "rollout.max_tokens: prompts of up to data.seq_len=48 tokens plus 32 response tokens exceed model.pretrained's 64 positions"),
     ("rlhf.py", ["model.pretrained=<tiny>", "reward.model=null", "reward.rules=[format]"],
      "model.pretrained: head size 16 is not one vLLM's CPU engine runs"),
+    ("rlhf.py", ["algorithm=ppo", "critic.init=reward", "reward.model=null", "reward.rules=[format]"],
+     "critic.init: 'reward' needs a reward model (reward.model is null)"),
+    ("rlhf.py", ["algorithm=ppo", "algorithm.lam=1.5", "reward.model=null", "reward.rules=[format]"],
+     "algorithm.lam: must be in [0, 1]"),
+    ("rlhf.py", ["rollout.max_staleness=-1", "reward.model=null", "reward.rules=[format]"],
+     "rollout.max_staleness: must be >= 0 (0: synchronous)"),
+    ("pretrain.py", ["train.inject_faults=[kill_engine@3]"],
+     "train.inject_faults: kill_engine@3 drill rollout engines and reward actors, which only RL runs"),
 ]
 
 
