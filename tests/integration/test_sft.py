@@ -41,8 +41,15 @@ def sft_cfg(out, base, **upd):
     return validate_sft(from_dict(SFTConfig, d))
 
 
-def test_sft_learns_resumes_and_exports_its_chat_template(base_model, out):
-    full = run_stage("sft", sft_cfg(out, base_model))
+@pytest.fixture(scope="module")
+def sft_run(base_model, out):
+    """The fixed-size SFT run (24 steps, 2 workers): the reference curve, and the tuned model
+    the evaluate job checks."""
+    return run_stage("sft", sft_cfg(out, base_model))
+
+
+def test_sft_learns_resumes_and_exports_its_chat_template(sft_run, base_model, out):
+    full = sft_run
     recs = records(full["run_dir"])
     vals = [r["val_loss"] for r in recs if "val_loss" in r]
     assert len(vals) == 3 and vals[0] > vals[1] > vals[2] and vals[2] < vals[0] - 0.1, vals  # held-out SFT loss falls
@@ -84,13 +91,13 @@ def test_sft_learns_resumes_and_exports_its_chat_template(base_model, out):
     assert gen.shape[1] > ids.shape[1]
 
 
-def test_evaluate_job_reports_forgetting_sft_loss_and_templated_samples(base_model, out):
+def test_evaluate_job_reports_forgetting_sft_loss_and_templated_samples(sft_run, base_model, out):
     import glob
     import subprocess
 
     from tests.conftest import PYTHON, ROOT
 
-    tuned = run_stage("sft", sft_cfg(out, base_model, run={"name": "sft-eval"}, train={"max_steps": 8}))
+    tuned = sft_run
     text_data = glob.glob(os.path.join(str(out), "data", "tinyshakespeare-*"))[0]
     sft_data = glob.glob(os.path.join(str(out), "data", "alpaca-*"))[0]
     dest = os.path.join(str(out), "eval")
