@@ -93,7 +93,9 @@ register(Stage("dpo", "DPO finished", DPOConfig, validate_dpo, f"{_PREF}:DPOObje
 
 def _rl_cpus(cfg) -> float:
     r = cfg.rollout
-    return r.engines * r.cpus_per_engine + (cfg.reward.model_actors if cfg.reward.model else 0)
+    from tidal.config.schema import worker_bounds
+
+    return worker_bounds(r.engines)[0] * r.cpus_per_engine + (cfg.reward.model_actors if cfg.reward.model else 0)
 
 
 register(Stage("rlhf", "RLHF finished", RLHFConfig, validate_rlhf, "tidal.objectives.policy:PolicyObjective", True,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import types
 import typing
-from typing import Any, Iterable, List
+from typing import Any, Dict, Iterable, List
 
 
 class ConfigError(ValueError):
@@ -63,6 +63,14 @@ def _convert(tp: Any, value: Any, path: str, problems: List[str]) -> Any:
             problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
             return None
         return [_convert(arg, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping of {_type_name(key_tp)} to {_type_name(val_tp)}, "
+                            f"got {value!r}")
+            return None
+        return {_convert(key_tp, k, f"{path}", problems): _convert(val_tp, v, f"{path}.{k}", problems)
+                for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool):

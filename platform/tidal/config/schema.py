@@ -11,7 +11,7 @@ bigger model, another schedule). Choices are ``Literal`` types, checked by the c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 
 def worker_bounds(workers: Any) -> Tuple[int, int]:
@@ -413,7 +413,11 @@ class PromptDataConfig(PostDataConfig):
 class RolloutConfig:
     """vLLM rollout engines (Ray actors) and the weight sync to them."""
 
-    engines: int = 1
+    # engines: a count, or elastic bounds "min..max": the pool starts with min and takes
+    # engines as the cluster has room for them (the autoscaler adds nodes for the ones
+    # waiting), drops lost ones and asks again, without restarting the learners
+    engines: Any = 1
+    resources: Dict[str, float] = field(default_factory=dict)  # per engine, e.g. {rollout_node: 1}
     n: int = 4  # samples per prompt (the group of group estimators)
     prompts_per_iteration: int = 16
     max_tokens: int = 32  # response tokens per sample

@@ -309,8 +309,14 @@ def validate_rlhf(cfg):
     p: List[str] = []
     r, a = cfg.rollout, cfg.algorithm
     check_post_data(cfg.data, p, "embedded:pydocs_instruct")
-    for key in ("engines", "prompts_per_iteration", "max_tokens", "cpus_per_engine", "sync_bucket_mb"):
+    for key in ("prompts_per_iteration", "max_tokens", "cpus_per_engine", "sync_bucket_mb"):
         _check(p, getattr(r, key) >= 1, f"rollout.{key}", ">= 1", getattr(r, key))
+    try:
+        lo, hi = worker_bounds(r.engines)
+        ok = 1 <= lo <= hi
+    except ValueError:
+        ok = False
+    _check(p, ok, "rollout.engines", "a count >= 1 or elastic bounds 'min..max' with 1 <= min <= max", r.engines)
     if a.estimator == "gae":
         _check(p, r.n >= 1, "rollout.n", ">= 1", r.n)
     else:

@@ -25,12 +25,17 @@ def start(cfg, manifest: Dict, use_gpu: bool, log=print) -> Tuple[Dict, Callable
     """``(train_loop_config additions, close)``: the engines started and ready."""
     import ray
 
+    from tidal.config.schema import worker_bounds
+
     r = cfg.rollout
+    lo, hi = worker_bounds(r.engines)
     t0 = time.time()
-    log(f"starting {r.engines} rollout engine(s) (vLLM, {'GPU' if use_gpu else 'CPU'})")
+    log(f"starting {lo} rollout engine(s) (vLLM, {'GPU' if use_gpu else 'CPU'})"
+        + (f"; up to {hi} as the cluster has room" if hi > lo else ""))
     restart = {"settings": engine_settings(cfg, manifest, use_gpu), "cpus": r.cpus_per_engine,
-               "gpus": 1 if use_gpu else 0, "timeout_s": r.start_timeout_s}
-    actors = start_engines(restart["settings"], r.engines, restart["cpus"], restart["gpus"], restart["timeout_s"])
+               "gpus": 1 if use_gpu else 0, "timeout_s": r.start_timeout_s, "resources": dict(r.resources)}
+    actors = start_engines(restart["settings"], lo, restart["cpus"], restart["gpus"], restart["timeout_s"],
+                           resources=restart["resources"])
     log(f"rollout engines ready in {time.time() - t0:.0f} s")
 
     def close() -> None:
@@ -42,4 +47,5 @@ def start(cfg, manifest: Dict, use_gpu: bool, log=print) -> Tuple[Dict, Callable
             ray.kill(a)
 
     # the learner restarts a lost engine with the same recipe (it then owns the replacement)
-    return {"engines": actors, "engine_restart": restart, "reward_model": cfg.reward.model}, close
+    return {"engines": actors, "engine_restart": restart, "engine_bounds": [lo, hi],
+            "reward_model": cfg.reward.model}, close

@@ -68,8 +68,9 @@ def _driver(cfg, config: Dict, tok_dir: str) -> RolloutDriver:
     from tidal.rlhf.rollout import EngineGroup
 
     r = cfg.rollout
+    bounds = config.get("engine_bounds")
     group = EngineGroup(config["engines"], r.timeout_s, r.sync_timeout_s, r.sync_bucket_mb << 20,
-                        restart=config.get("engine_restart"))
+                        restart=config.get("engine_restart"), bounds=tuple(bounds) if bounds else None)
     pool = None
     if config.get("reward_model"):
         from tidal.rlhf.reward_model import RewardModelPool
@@ -99,6 +100,16 @@ def _sync(ctx: WorkerContext, engine, source: RolloutSource, probe: List[int]) -
                           ctx.rank, ctx.world, ctx.emit, source.iteration)
     source.engine_version = source.iteration
     return info
+
+
+def _grow(ctx: WorkerContext, source: RolloutSource) -> int:
+    """Elastic rollout pool: rank 0 requests engines up to the maximum and admits the ones
+    that have started; every rank learns how many joined (they need the weights now)."""
+    joined = source.driver.group.grow() if ctx.rank == 0 else []
+    if joined:
+        ctx.emit({"event": "engines_joined", "step": source.iteration, "joined": len(joined),
+                  "engines": len(source.driver.group.actors)})
+    return C.broadcast(len(joined), ctx.world)
 
 
 # the value model's step metrics, as the iteration reports them
@@ -212,7 +223,8 @@ def rl_loop_per_worker(config: Dict[str, Any]) -> None:
         source.advance()
         ctx.injector.maybe_kill("kill", source.iteration)
         last = source.iteration == end
-        sync_info = _sync(ctx, engine, source, probe) if source.needs_sync(last) else {}
+        joined = _grow(ctx, source)
+        sync_info = _sync(ctx, engine, source, probe) if joined or source.needs_sync(last) else {}
         metrics.update(learned, **sync_info, learn_s=learn_s, step=source.iteration,
                        iteration_s=time.time() - t0)
         metrics["sync_share"] = sync_info.get("sync_s", 0.0) / metrics["iteration_s"]  # rank 0 knows

@@ -21,7 +21,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -212,18 +212,24 @@ def _wait(refs, timeout_s: float, what: str):
         raise RolloutError(f"{what}: {cause}") from e
 
 
-def start_engines(settings: EngineSettings, count: int, cpus: int, gpus: float,
-                  timeout_s: float, first_index: int = 0) -> List:
-    """``count`` engine actors, started in parallel; waits until each has loaded its model."""
+def spawn_engine(settings: EngineSettings, index: int, cpus: int, gpus: float,
+                 resources: Optional[Dict[str, float]] = None):
+    """One engine actor, returned at once (Ray places it when the cluster has room: a
+    pending actor is demand the autoscaler answers with a node)."""
     import ray
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
            "TOKENIZERS_PARALLELISM": "false"}
-    cls = ray.remote(RolloutEngine)
-    actors = [cls.options(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
-                          name=None).remote(settings, first_index + i) for i in range(count)]
+    return ray.remote(RolloutEngine).options(num_cpus=cpus, num_gpus=gpus, resources=dict(resources or {}),
+                                             runtime_env={"env_vars": env}).remote(settings, index)
+
+
+def start_engines(settings: EngineSettings, count: int, cpus: int, gpus: float,
+                  timeout_s: float, first_index: int = 0, resources: Optional[Dict[str, float]] = None) -> List:
+    """``count`` engine actors, started in parallel; waits until each has loaded its model."""
+    actors = [spawn_engine(settings, first_index + i, cpus, gpus, resources) for i in range(count)]
     _wait([a.info.remote() for a in actors], timeout_s, f"starting {count} rollout engine(s)")
     return actors
 
@@ -233,14 +239,54 @@ class EngineGroup:
     versioned weight sync with its checks. Every call has a deadline."""
 
     def __init__(self, actors: List, timeout_s: float, sync_timeout_s: float, bucket_bytes: int,
-                 restart: Optional[Dict] = None):
-        """``restart``: how to start a replacement engine (``settings``, ``cpus``, ``gpus``,
-        ``timeout_s``: :func:`start_engines`' arguments); None: lost engines stay lost."""
+                 restart: Optional[Dict] = None, bounds: Optional[Tuple[int, int]] = None):
+        """``restart``: how to start an engine (``settings``, ``cpus``, ``gpus``,
+        ``timeout_s``, ``resources``: :func:`start_engines`' arguments); None: lost engines
+        stay lost. ``bounds``: ``(min, max)`` engines of an elastic pool (``rollout.engines``
+        "1..4"): engines are requested up to ``max`` and join when the cluster has room for
+        them; a lost engine is dropped and requested again (the survivors carry on)."""
         self.actors = list(actors)
         self.timeout_s, self.sync_timeout_s, self.bucket_bytes = timeout_s, sync_timeout_s, bucket_bytes
         self.restart = restart
+        self.bounds = bounds or (len(self.actors), len(self.actors))
+        self.pending: List[Tuple] = []  # (actor, its ready ref): requested, not yet started
         self.version: Optional[int] = None
-        self.started = len(self.actors)  # engines ever started: a replacement's index
+        self.started = len(self.actors)  # engines ever started: a new one's index
+
+    @property
+    def elastic(self) -> bool:
+        return self.restart is not None and self.bounds[1] > self.bounds[0]
+
+    def grow(self) -> List[int]:
+        """Elastic pool: request engines up to the maximum (without waiting), and admit the
+        requested ones that have started since; returns the indices of the admitted ones,
+        which hold the run's initial weights until the next sync (the group's version is
+        cleared: generation waits for that sync)."""
+        import ray
+
+        if not self.elastic:
+            return []
+        r = self.restart
+        while len(self.actors) + len(self.pending) < self.bounds[1]:
+            actor = spawn_engine(r["settings"], self.started, r["cpus"], r["gpus"], r.get("resources"))
+            self.started += 1
+            self.pending.append((actor, actor.info.remote()))
+        ready, _ = ray.wait([ref for _, ref in self.pending], num_returns=len(self.pending), timeout=0)
+        joined, still = [], []
+        for actor, ref in self.pending:
+            if ref not in ready:
+                still.append((actor, ref))
+                continue
+            try:
+                ray.get(ref, timeout=5)
+            except Exception:  # noqa: BLE001 - it died starting (its node went): ask again next time
+                continue
+            self.actors.append(actor)
+            joined.append(len(self.actors) - 1)
+        self.pending = still
+        if joined:
+            self.version = None
+        return joined
 
     def generate(self, prompts: List[List[int]], seeds: List[List[int]], max_tokens: int,
                  temperature: float, kill_one: bool = False) -> List[List[Dict]]:
@@ -306,8 +352,11 @@ class EngineGroup:
 
     def replace(self, dead: List[int]) -> Dict:
         """Kill the engines ``dead`` (if anything is left of them) and start replacements
-        from the run's initial weights; the group must be synced before it generates again.
-        Without a restart recipe the lost engines are dropped (at least one must remain)."""
+        from the run's initial weights (waiting for them); the group must be synced before
+        it generates again (``resync`` in the result). An elastic pool drops them instead
+        (requested again by :meth:`grow`): the survivors hold the current weights, so no
+        sync is needed, unless none survived and the minimum had to be started. Without a
+        restart recipe the lost engines are dropped (at least one must remain)."""
         import ray
 
         t0 = time.time()
@@ -316,19 +365,28 @@ class EngineGroup:
                 ray.kill(self.actors[k])
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        if self.restart is None:
+        resync = True
+        if self.restart is None or self.elastic:
             self.actors = [a for k, a in enumerate(self.actors) if k not in dead]
-            if not self.actors:
+            resync = not self.actors
+            if not self.actors and self.restart is None:
                 raise RolloutError("every rollout engine is lost and none can be restarted")
+            if not self.actors:  # wait for the minimum, as at the start
+                r = self.restart
+                self.actors = start_engines(r["settings"], self.bounds[0], r["cpus"], r["gpus"], r["timeout_s"],
+                                            first_index=self.started, resources=r.get("resources"))
+                self.started += self.bounds[0]
         else:
             r = self.restart
             fresh = start_engines(r["settings"], len(dead), r["cpus"], r["gpus"], r["timeout_s"],
-                                  first_index=self.started)
+                                  first_index=self.started, resources=r.get("resources"))
             self.started += len(dead)
             for k, actor in zip(dead, fresh):
                 self.actors[k] = actor
-        self.version = None  # the replacements hold the initial weights: sync before generating
-        return {"engines_lost": len(dead), "engines": len(self.actors), "restart_s": time.time() - t0}
+        if resync:
+            self.version = None  # the new engines hold the initial weights: sync before generating
+        return {"engines_lost": len(dead), "engines": len(self.actors), "restart_s": time.time() - t0,
+                "resync": resync}
 
     def probe(self, ids: List[int]) -> List[List[float]]:
         return _wait([a.probe.remote(ids) for a in self.actors], self.sync_timeout_s, "parity probe")
@@ -379,6 +437,8 @@ class EngineGroup:
     def shutdown(self) -> None:
         import ray
 
+        for a, _ in self.pending:
+            ray.kill(a)
         for a in self.actors:
             try:
                 ray.get(a.shutdown.remote(), timeout=30)

@@ -72,6 +72,8 @@ class RolloutDriver:
                 "rewards": res.total.tolist(), "dropped": res.dropped.tolist(),
                 "parts": {k: v.tolist() for k, v in res.parts.items()}, "errors": dict(res.errors),
                 "gen_s": gen_s, "gen_wall_s": time.time() - handle["t0"], "score_s": time.time() - t1,
+                "engines": len(self.group.actors),
+                "reward_actor_restarts": self.pool.replaced if self.pool is not None else 0,
                 "prompt_ids": [prompts[i]["ids"] for i, _ in samples],
                 "prompt_text": [prompts[i]["text"] for i, _ in samples]}
 
@@ -315,7 +317,8 @@ class RolloutSource:
                 raise RolloutError(f"iteration {iteration + 1}: {payload['_error']}")
             if "_lost" not in payload:
                 return payload
-            info = self.resync()  # every rank: the replacements get the current policy
+            # every rank: new engines get the current policy (survivors of an elastic pool have it)
+            info = self.resync() if payload["resync"] else {}
             self.emit({"event": "engine_lost", "step": self.iteration, "iteration": iteration + 1,
                        "attempt": attempt + 1, "reason": payload["_lost"], "engines_lost": payload["engines_lost"],
                        "restart_s": payload["restart_s"], "sync_s": info.get("sync_s"),
@@ -413,9 +416,10 @@ class RolloutSource:
                "response_len_max": int(lengths.max()), "truncated_frac": float(np.mean(payload["truncated"])),
                "adv_mean": float(adv.mean()), "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
                "kept_frac": float(keep.float().mean()), "reward_errors": sum(payload["errors"].values()),
+               "reward_actor_restarts": payload["reward_actor_restarts"],  # so far in this attempt
                "gen_s": payload["gen_s"], "score_s": payload["score_s"],
                "gen_tokens_per_s": gen_tokens / max(payload["gen_wall_s"], 1e-9),
-               "gen_wall_s": payload["gen_wall_s"],
+               "gen_wall_s": payload["gen_wall_s"], "engines": payload["engines"],
                "policy_version": max(payload["versions"]) if payload["versions"] else 0}
         lag = np.asarray(payload["staleness"])
         out.update(staleness_mean=float(lag.mean()), staleness_max=int(lag.max()),

@@ -46,8 +46,9 @@ def rl_curves(records: List[Dict], path: str, title: str, start_reward=None) -> 
         axes[0].plot([s for s, _ in val], [v for _, v in val], "o-", lw=1.5, label="held-out reward")
     axes[0].set_ylabel("reward")
     axes[0].legend()
-    axes[1].plot(steps, [r.get("kl", 0.0) for r in recs], lw=1.2, color="tab:red")
-    axes[1].set_ylabel("KL to reference")
+    key = "kl" if any("kl" in r for r in recs) else "kl_seq"  # per token (a loss term) or per sequence
+    axes[1].plot(steps, [r.get(key, 0.0) for r in recs], lw=1.2, color="tab:red")
+    axes[1].set_ylabel("KL to reference" + (" per sequence" if key == "kl_seq" else ""))
     axes[2].plot(steps, [r["response_len_mean"] for r in recs], lw=1.2, color="tab:green")
     axes[2].set_ylabel("response tokens")
     axes[2].set_xlabel("iteration")

@@ -206,7 +206,9 @@ class Progress:
     def update(self, rec: Dict, val: Optional[float]) -> None:
         info = f"loss {rec['loss']:.3f}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s"
         if "reward_mean" in rec:  # an RL iteration: what it earned, how long it wrote, the sync
-            info = (f"reward {rec['reward_mean']:.3f}  kl {rec.get('kl', 0.0):.4f}  len "
+            kl = (f"kl {rec['kl']:.4f}" if "kl" in rec  # per token, a loss term; else per sequence (PPO)
+                  else f"kl/seq {rec.get('kl_seq', 0.0):.2f}")
+            info = (f"reward {rec['reward_mean']:.3f}  {kl}  len "
                     f"{rec['response_len_mean']:.1f}  {info}  sync {rec.get('sync_share', 0.0):.0%}")
         if val is not None:
             info += f"  val {val:.3f}"

@@ -188,7 +188,7 @@ def _rl_summary(log: MetricsLog, events: list) -> Dict:
         return {}
     start = [e for e in events if e["event"] == "held_out_start" and "val_reward" in e]
     out = {"final_reward": log.last("reward_mean"), "final_val_reward": log.last("val_reward"),
-           "start_val_reward": start[0]["val_reward"] if start else None, "final_kl": log.last("kl")}
+           "start_val_reward": start[0]["val_reward"] if start else None, "final_kl": log.last("kl"), "final_kl_seq": log.last("kl_seq")}
     return {k: v for k, v in out.items() if v is not None}
 
 
