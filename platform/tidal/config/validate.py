@@ -309,8 +309,10 @@ def validate_rlhf(cfg):
     p: List[str] = []
     r, a = cfg.rollout, cfg.algorithm
     check_post_data(cfg.data, p, "embedded:pydocs_instruct")
-    for key in ("prompts_per_iteration", "max_tokens", "cpus_per_engine", "sync_bucket_mb"):
+    for key in ("prompts_per_iteration", "max_tokens", "sync_bucket_mb"):
         _check(p, getattr(r, key) >= 1, f"rollout.{key}", ">= 1", getattr(r, key))
+    _check(p, r.cpus_per_engine >= 1 or (r.cpus_per_engine == 0 and r.resources), "rollout.cpus_per_engine",
+           ">= 1 (0 only with rollout.resources, which then place the engines)", r.cpus_per_engine)
     try:
         lo, hi = worker_bounds(r.engines)
         ok = 1 <= lo <= hi
