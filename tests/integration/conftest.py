@@ -51,6 +51,23 @@ def small_cfg(output_dir, **upd) -> PretrainConfig:
     return validate_pretrain(from_dict(PretrainConfig, base))
 
 
+_TINY_BASE: dict = {}
+
+
+def tiny_base_model(tmp_path_factory) -> str:
+    """The tiny model pretrained on Shakespeare (small_cfg, 10 steps) that the post-training
+    tests start from: its HF export. Trained once per test session, by the first module that
+    asks (its Ray runtime must be up: ray_local), and shared by the later ones, which only
+    read it. The Shakespeare data it prepared is under ``<export>/../../data``."""
+    if "hf" not in _TINY_BASE:
+        from tidal.train.launch import run_stage
+
+        out = tmp_path_factory.mktemp("tiny_base")
+        _TINY_BASE["hf"] = run_stage("pretrain", small_cfg(out, run={"name": "base"},
+                                                           train={"max_steps": 10}))["hf_export"]
+    return _TINY_BASE["hf"]
+
+
 def records(run_dir):
     """A run's per-step metrics (metrics.jsonl), one dict per step."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
