@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tests.conftest import SHARED_DATA
-from tests.integration.conftest import _merge, events, needs_shakespeare, records, small_cfg
+from tests.integration.conftest import _merge, events, needs_shakespeare, records, tiny_base_model
 from tidal import stages
 from tidal.config import DPOConfig, RewardConfig, from_dict, to_dict
 from tidal.train.launch import run_stage
@@ -21,8 +21,8 @@ def out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_model(ray_local, out):
-    return run_stage("pretrain", small_cfg(out, run={"name": "base"}, train={"max_steps": 10}))["hf_export"]
+def base_model(ray_local, tmp_path_factory):
+    return tiny_base_model(tmp_path_factory)  # shared with the SFT tests
 
 
 def pair_cfg(cls, out, base, **upd):
