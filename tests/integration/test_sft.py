@@ -6,7 +6,7 @@ import os
 import pytest
 
 from tests.conftest import SHARED_DATA
-from tests.integration.conftest import _merge, needs_shakespeare, records, small_cfg
+from tests.integration.conftest import _merge, needs_shakespeare, records, tiny_base_model
 from tidal.config import SFTConfig, from_dict, to_dict, validate_sft
 from tidal.train.launch import run_stage
 
@@ -21,9 +21,8 @@ def out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_model(ray_local, out):
-    summary = run_stage("pretrain", small_cfg(out, run={"name": "base"}, train={"max_steps": 10}))
-    return summary["hf_export"]
+def base_model(ray_local, tmp_path_factory):
+    return tiny_base_model(tmp_path_factory)  # shared with the reward/DPO tests
 
 
 def sft_cfg(out, base, **upd):
@@ -98,7 +97,8 @@ def test_evaluate_job_reports_forgetting_sft_loss_and_templated_samples(sft_run,
     from tests.conftest import PYTHON, ROOT
 
     tuned = sft_run
-    text_data = glob.glob(os.path.join(str(out), "data", "tinyshakespeare-*"))[0]
+    base_out = os.path.dirname(os.path.dirname(base_model))  # where the base model's data is
+    text_data = glob.glob(os.path.join(base_out, "data", "tinyshakespeare-*"))[0]
     sft_data = glob.glob(os.path.join(str(out), "data", "alpaca-*"))[0]
     dest = os.path.join(str(out), "eval")
     p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", "evaluate.py"), f"model_dir={tuned['hf_export']}",
