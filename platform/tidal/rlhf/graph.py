@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, Tuple
 
-from tidal.rlhf.rollout import EngineSettings, start_engines
+from tidal.rlhf.rollout import EngineKeeper, EngineSettings, _wait
 
 
 def engine_settings(cfg, manifest: Dict, use_gpu: bool) -> EngineSettings:
@@ -34,18 +34,21 @@ def start(cfg, manifest: Dict, use_gpu: bool, log=print) -> Tuple[Dict, Callable
         + (f"; up to {hi} as the cluster has room" if hi > lo else ""))
     restart = {"settings": engine_settings(cfg, manifest, use_gpu), "cpus": r.cpus_per_engine,
                "gpus": 1 if use_gpu else 0, "timeout_s": r.start_timeout_s, "resources": dict(r.resources)}
-    actors = start_engines(restart["settings"], lo, restart["cpus"], restart["gpus"], restart["timeout_s"],
-                           resources=restart["resources"])
+    # the keeper creates (and so owns) every engine of the run: they outlive learner restarts
+    keeper = ray.remote(num_cpus=0)(EngineKeeper).remote(restart)
+    actors = ray.get(keeper.spawn.remote(lo), timeout=60)
+    _wait([a.info.remote() for a in actors], r.start_timeout_s, f"starting {lo} rollout engine(s)")
+    ray.get(keeper.remember.remote(actors, []), timeout=60)
     log(f"rollout engines ready in {time.time() - t0:.0f} s")
 
     def close() -> None:
-        for a in actors:
-            try:
-                ray.get(a.shutdown.remote(), timeout=60)
-            except Exception:  # noqa: BLE001 - gone already
-                pass
-            ray.kill(a)
+        try:
+            ray.get(keeper.shutdown.remote(), timeout=300)
+        except Exception:  # noqa: BLE001 - the keeper is gone: kill what we know of
+            for a in actors:
+                ray.kill(a)
+        ray.kill(keeper)
 
-    # the learner restarts a lost engine with the same recipe (it then owns the replacement)
-    return {"engines": actors, "engine_restart": restart, "engine_bounds": [lo, hi],
+    # the learners restart lost engines and grow the pool through the keeper
+    return {"engines": actors, "engine_keeper": keeper, "engine_restart": restart, "engine_bounds": [lo, hi],
             "reward_model": cfg.reward.model}, close

@@ -70,7 +70,8 @@ def _driver(cfg, config: Dict, tok_dir: str) -> RolloutDriver:
     r = cfg.rollout
     bounds = config.get("engine_bounds")
     group = EngineGroup(config["engines"], r.timeout_s, r.sync_timeout_s, r.sync_bucket_mb << 20,
-                        restart=config.get("engine_restart"), bounds=tuple(bounds) if bounds else None)
+                        restart=config.get("engine_restart"), bounds=tuple(bounds) if bounds else None,
+                        keeper=config.get("engine_keeper"))
     pool = None
     if config.get("reward_model"):
         from tidal.rlhf.reward_model import RewardModelPool

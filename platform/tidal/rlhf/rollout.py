@@ -234,12 +234,52 @@ def start_engines(settings: EngineSettings, count: int, cpus: int, gpus: float,
     return actors
 
 
+class EngineKeeper:
+    """Owns a run's rollout engines (a small actor the driver starts: ``ray.remote(EngineKeeper)``).
+    An actor belongs to the process that created it and dies with it; engines created by a
+    learner would die with a learner restart, so every engine of the run, the first ones
+    and every replacement or addition, is created here and lives as long as the run. It
+    also remembers the learner's current view of the pool (engines and pending requests),
+    which a restarted learner takes over."""
+
+    def __init__(self, recipe: Dict):
+        self.recipe, self.spawned, self.started = recipe, [], 0
+        self.view: Tuple[List, List] = ([], [])
+
+    def spawn(self, count: int) -> List:
+        """``count`` new engines, returned at once (they start in the background)."""
+        r = self.recipe
+        out = [spawn_engine(r["settings"], self.started + i, r["cpus"], r["gpus"], r.get("resources"))
+               for i in range(count)]
+        self.started += count
+        self.spawned.extend(out)
+        return out
+
+    def remember(self, actors: List, pending: List) -> None:
+        self.view = (list(actors), list(pending))
+
+    def current(self) -> Tuple[List, List]:
+        return self.view
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.spawned:
+            try:
+                ray.get(a.shutdown.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - gone already
+                pass
+            ray.kill(a)
+        self.spawned = []
+
+
 class EngineGroup:
     """The learner's view of the rollout engines: generation split over them, and the
     versioned weight sync with its checks. Every call has a deadline."""
 
     def __init__(self, actors: List, timeout_s: float, sync_timeout_s: float, bucket_bytes: int,
-                 restart: Optional[Dict] = None, bounds: Optional[Tuple[int, int]] = None):
+                 restart: Optional[Dict] = None, bounds: Optional[Tuple[int, int]] = None,
+                 keeper=None):
         """``restart``: how to start an engine (``settings``, ``cpus``, ``gpus``,
         ``timeout_s``, ``resources``: :func:`start_engines`' arguments); None: lost engines
         stay lost. ``bounds``: ``(min, max)`` engines of an elastic pool (``rollout.engines``
@@ -247,11 +287,40 @@ class EngineGroup:
         them; a lost engine is dropped and requested again (the survivors carry on)."""
         self.actors = list(actors)
         self.timeout_s, self.sync_timeout_s, self.bucket_bytes = timeout_s, sync_timeout_s, bucket_bytes
-        self.restart = restart
+        self.restart, self.keeper = restart, keeper
         self.bounds = bounds or (len(self.actors), len(self.actors))
         self.pending: List[Tuple] = []  # (actor, its ready ref): requested, not yet started
         self.version: Optional[int] = None
-        self.started = len(self.actors)  # engines ever started: a new one's index
+        self.started = len(self.actors)  # engines ever started here: a new one's index
+        if keeper is not None:  # the pool as the last learner left it (after a restart)
+            import ray
+
+            actors, pending = ray.get(keeper.current.remote(), timeout=60)
+            if actors:
+                self.actors = list(actors)
+                self.pending = [(a, a.info.remote()) for a in pending]
+
+    def _spawn(self, count: int) -> List:
+        """``count`` new engines, not waited for: created by the keeper (so they outlive this
+        learner) when there is one."""
+        import ray
+
+        r = self.restart
+        if self.keeper is not None:
+            return ray.get(self.keeper.spawn.remote(count), timeout=60)
+        out = [spawn_engine(r["settings"], self.started + i, r["cpus"], r["gpus"], r.get("resources"))
+               for i in range(count)]
+        self.started += count
+        return out
+
+    def _start(self, count: int) -> List:
+        actors = self._spawn(count)
+        _wait([a.info.remote() for a in actors], self.restart["timeout_s"], f"starting {count} rollout engine(s)")
+        return actors
+
+    def _remember(self) -> None:
+        if self.keeper is not None:
+            self.keeper.remember.remote(self.actors, [a for a, _ in self.pending])
 
     @property
     def elastic(self) -> bool:
@@ -266,11 +335,10 @@ class EngineGroup:
 
         if not self.elastic:
             return []
-        r = self.restart
-        while len(self.actors) + len(self.pending) < self.bounds[1]:
-            actor = spawn_engine(r["settings"], self.started, r["cpus"], r["gpus"], r.get("resources"))
-            self.started += 1
-            self.pending.append((actor, actor.info.remote()))
+        missing = self.bounds[1] - len(self.actors) - len(self.pending)
+        if missing > 0:
+            self.pending += [(a, a.info.remote()) for a in self._spawn(missing)]
+            self._remember()
         ready, _ = ray.wait([ref for _, ref in self.pending], num_returns=len(self.pending), timeout=0)
         joined, still = [], []
         for actor, ref in self.pending:
@@ -286,6 +354,7 @@ class EngineGroup:
         self.pending = still
         if joined:
             self.version = None
+            self._remember()
         return joined
 
     def generate(self, prompts: List[List[int]], seeds: List[List[int]], max_tokens: int,
@@ -372,17 +441,11 @@ class EngineGroup:
             if not self.actors and self.restart is None:
                 raise RolloutError("every rollout engine is lost and none can be restarted")
             if not self.actors:  # wait for the minimum, as at the start
-                r = self.restart
-                self.actors = start_engines(r["settings"], self.bounds[0], r["cpus"], r["gpus"], r["timeout_s"],
-                                            first_index=self.started, resources=r.get("resources"))
-                self.started += self.bounds[0]
+                self.actors = self._start(self.bounds[0])
         else:
-            r = self.restart
-            fresh = start_engines(r["settings"], len(dead), r["cpus"], r["gpus"], r["timeout_s"],
-                                  first_index=self.started, resources=r.get("resources"))
-            self.started += len(dead)
-            for k, actor in zip(dead, fresh):
+            for k, actor in zip(dead, self._start(len(dead))):
                 self.actors[k] = actor
+        self._remember()
         if resync:
             self.version = None  # the new engines hold the initial weights: sync before generating
         return {"engines_lost": len(dead), "engines": len(self.actors), "restart_s": time.time() - t0,
