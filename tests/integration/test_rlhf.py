@@ -211,6 +211,9 @@ def test_ppo_learns_and_survives_a_killed_engine_and_learner_identically(tmp_pat
     assert lost[0]["recovery_s"] > 0 and "died" in lost[0]["reason"]
     starts = [e for e in ev if e["event"] == "start"]
     assert [e["step"] for e in starts] == [0, 10] and starts[1]["checkpoint"].endswith("checkpoint_0000010")
+    # the engine that replaced the lost one belongs to the run's keeper, not to the learner
+    # that asked for it: it outlived the learner restart (no failed sync, no new engine)
+    assert not [e for e in ev if e["event"] == "sync_retry"]
     assert drilled["restarts"] == 1
     assert yaml.safe_load(open(os.path.join(drilled["run_dir"], "config.yaml")))["algorithm"]["name"] == "ppo"
 
@@ -235,6 +238,7 @@ def test_default_lifecycle_raises_held_out_reward(tmp_path):
         p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", f"{job}.py"), *steps, *quick], env=env,
                            cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    quick.append("train.max_steps=10")  # half the default: both algorithms have moved by then
     p = subprocess.run([PYTHON, os.path.join(ROOT, "jobs", "rlhf.py"), "run.name=rl", *quick], env=env,
                        cwd=str(tmp_path), capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -256,7 +260,7 @@ def test_default_lifecycle_raises_held_out_reward(tmp_path):
     run_dir = os.path.join(out, "ppo")
     start = [json.loads(x) for x in open(os.path.join(run_dir, "events.jsonl")) if "held_out_start" in x][0]
     recs = [r for r in records(run_dir) if "reward_mean" in r]
-    assert [r["step"] for r in recs] == list(range(1, 21))
+    assert [r["step"] for r in recs] == list(range(1, 11))
     assert recs[-1]["val_reward"] > start["val_reward"], (start, recs[-1])
     # the per-sequence KL settles near the controller's target (6 nats), which holds the coefficient
     target = 6.0

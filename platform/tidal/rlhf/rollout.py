@@ -375,9 +375,9 @@ class EngineGroup:
         if kill_one:
             self.actors[0].arm_kill.remote()  # queued before its generation request
         parts = np.array_split(np.arange(len(prompts)), len(self.actors))
-        work = [(k, a.generate.remote([prompts[i] for i in idx], [seeds[i] for i in idx], max_tokens,
+        work = [(a, a.generate.remote([prompts[i] for i in idx], [seeds[i] for i in idx], max_tokens,
                                       temperature, self.version))
-                for k, (a, idx) in enumerate(zip(self.actors, parts)) if len(idx)]
+                for a, idx in zip(self.actors, parts) if len(idx)]
         return {"work": work, "what": f"generating {len(prompts)} prompts", "deadline": time.time() + self.timeout_s}
 
     def collect(self, handle: Dict) -> List[List[Dict]]:
@@ -386,14 +386,17 @@ class EngineGroup:
         return [row for chunk in chunks for row in chunk]
 
     def _gather(self, work: List, timeout_s: float, what: str) -> List:
-        """Results of ``(engine index, ref)`` pairs in order, within one deadline; the
-        engines that died or did not answer in time are named in :class:`EngineLost`."""
+        """Results of ``(engine actor, ref)`` pairs in order, within one deadline; the
+        engines that died or did not answer in time are named in :class:`EngineLost` by
+        their place in the group now (work submitted earlier may name an engine that has
+        been replaced since: it is not named again)."""
         import ray
         from ray.exceptions import RayActorError
 
         deadline = time.time() + timeout_s
         out, dead, reasons = [], [], []
-        for k, ref in work:
+        for actor, ref in work:
+            k = next((i for i, a in enumerate(self.actors) if a == actor), None)
             try:
                 out.append(ray.get(ref, timeout=max(0.1, deadline - time.time())))
             except RayActorError as e:
@@ -408,13 +411,13 @@ class EngineGroup:
                     raise type(cause)(f"{what}: {cause}") from e
                 raise RolloutError(f"{what}: {cause}") from e
         if dead:
-            raise EngineLost(f"{what}: {'; '.join(reasons)}", dead)
+            raise EngineLost(f"{what}: {'; '.join(reasons)}", sorted(k for k in dead if k is not None))
         return out
 
     def alive(self, timeout_s: float = 30.0) -> List[int]:
         """Indices of the engines that answer a ping within ``timeout_s`` (the others are lost)."""
         try:
-            self._gather([(k, a.info.remote()) for k, a in enumerate(self.actors)], timeout_s, "ping")
+            self._gather([(a, a.info.remote()) for a in self.actors], timeout_s, "ping")
             return list(range(len(self.actors)))
         except EngineLost as e:
             return [k for k in range(len(self.actors)) if k not in e.dead]
