@@ -134,6 +134,8 @@ CONFIG_CASES = [
      "algorithm.lam: must be in [0, 1]"),
     ("rlhf.py", ["rollout.max_staleness=-1", "reward.model=null", "reward.rules=[format]"],
      "rollout.max_staleness: must be >= 0 (0: synchronous)"),
+    ("rlhf.py", ["reward.model=null", "reward.rules=[format]", "train.inject_faults=[kill_reward@3]"],
+     "train.inject_faults: kill_reward kills a reward-model actor, but reward.model is null"),
     ("pretrain.py", ["train.inject_faults=[kill_engine@3]"],
      "train.inject_faults: kill_engine@3 drill rollout engines and reward actors, which only RL runs"),
 ]

@@ -346,6 +346,9 @@ def validate_rlhf(cfg):
     _check(p, a.tis_cap >= 1, "algorithm.tis_cap", ">= 1", a.tis_cap)
     _check_kl_and_critic(cfg, p)
     _check_rollout_split(cfg, p)
+    if cfg.reward.model is None and any(str(f).strip().startswith("kill_reward@") for f in cfg.train.inject_faults):
+        p.append("train.inject_faults: kill_reward kills a reward-model actor, but reward.model is null "
+                 "(no reward-model actors to kill)")
     if cfg.reward.model not in (None, "auto") and not os.path.isdir(os.path.expanduser(cfg.reward.model)):
         p.append(f"reward.model: directory '{cfg.reward.model}' does not exist; allowed: a reward-model "
                  "export (jobs/reward.py's hf/), auto (the newest one) or null")
