@@ -41,14 +41,9 @@ def engines(tmp_path_factory, ray_local):
     actors = start_engines(settings, 2, cpus=1, gpus=0, timeout_s=600)
     RESTART.update(settings=settings, cpus=1, gpus=0, timeout_s=600)
     yield actors
-    import ray
+    from tidal.rlhf.rollout import stop_engines
 
-    for a in actors:
-        try:
-            ray.get(a.shutdown.remote(), timeout=60)
-        except Exception:  # noqa: BLE001 - a drill below killed it
-            pass
-        ray.kill(a)
+    stop_engines(actors)  # some a drill below already killed
 
 
 RESTART = {}  # how a group restarts an engine: the fixture's settings
@@ -189,6 +184,6 @@ def test_lost_and_lying_engines_are_recreated_and_resynced(engines):
     with pytest.raises(WeightSyncError, match="no engine took"):
         with_retries(never, group, 0, 0, 1, events.append, 3)
     assert events == []
-    for a in group.actors:
-        ray.get(a.shutdown.remote(), timeout=60)
-        ray.kill(a)
+    from tidal.rlhf.rollout import stop_engines
+
+    stop_engines(group.actors)

@@ -234,6 +234,18 @@ def start_engines(settings: EngineSettings, count: int, cpus: int, gpus: float,
     return actors
 
 
+def stop_engines(actors: List) -> None:
+    """Release each engine's model, then end its actor (ones already gone are skipped)."""
+    import ray
+
+    for a in actors:
+        try:
+            ray.get(a.shutdown.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+        ray.kill(a)
+
+
 class EngineKeeper:
     """Owns a run's rollout engines (a small actor the driver starts: ``ray.remote(EngineKeeper)``).
     An actor belongs to the process that created it and dies with it; engines created by a
@@ -262,14 +274,7 @@ class EngineKeeper:
         return self.view
 
     def shutdown(self) -> None:
-        import ray
-
-        for a in self.spawned:
-            try:
-                ray.get(a.shutdown.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - gone already
-                pass
-            ray.kill(a)
+        stop_engines(self.spawned)
         self.spawned = []
 
 
@@ -500,14 +505,3 @@ class EngineGroup:
         return {"sync_s": time.time() - t0, "sync_bytes": sent, "sync_tensors": count,
                 "sync_apply_s": max(r["apply_s"] for r in results)}
 
-    def shutdown(self) -> None:
-        import ray
-
-        for a, _ in self.pending:
-            ray.kill(a)
-        for a in self.actors:
-            try:
-                ray.get(a.shutdown.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-            ray.kill(a)
