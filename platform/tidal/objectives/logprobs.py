@@ -10,6 +10,8 @@ buffers. :func:`token_logprobs` is the plain reference with the same signature.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Tuple
 
 import torch
@@ -173,6 +175,30 @@ def shift_targets(labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Ten
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
+# The path model_token_logprobs takes: "auto" is the fused Triton kernel
+# (tidal_kernels.fused_logprob) on CUDA tensors when it imports, else the chunked torch path
+# (the CPU default); "fused" or "chunked" forces one (tests, benchmarks).
+LOGPROB_PATH = "auto"
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_importable() -> bool:
+    try:
+        importlib.import_module("tidal_kernels.fused_logprob")  # imports triton
+    except Exception:  # no triton, or one that cannot load here
+        return False
+    return True
+
+
+def logprob_path(hidden: torch.Tensor) -> str:
+    """``"fused"`` or ``"chunked"``: what :func:`model_token_logprobs` uses for ``hidden``."""
+    if LOGPROB_PATH not in ("auto", "fused", "chunked"):
+        raise ValueError(f"LOGPROB_PATH must be auto, fused or chunked, got {LOGPROB_PATH!r}")
+    if LOGPROB_PATH != "auto":
+        return LOGPROB_PATH
+    return "fused" if hidden.is_cuda and _fused_importable() else "chunked"
+
+
 # Model families whose forward returns the output head's result untouched (others scale or
 # soft-cap the logits after the head: Gemma2/3, Cohere, Granite ...).
 PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3")
@@ -189,7 +215,8 @@ def model_token_logprobs(model, targets: torch.Tensor, chunk_size: int = 1024,
                          ignore_index: int = IGNORE, **inputs) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(logp, entropy)`` of ``targets`` (``[B, L]``, already shifted, see
     :func:`shift_targets`) under an HF causal LM called with ``inputs``, never forming the
-    full logits: for this call the output head's forward is the chunked projection. It runs
+    full logits: for this call the output head's forward is the chunked projection (the fused
+    Triton kernel on CUDA, see :func:`logprob_path`). It runs
     inside the model's own forward, so under FSDP2 the head's weight is the gathered one and
     its gradient is reduced like any other. Heads that are not a plain bias-free linear layer
     (e.g. one wrapped by an adapter), and model families that transform the logits after
@@ -203,7 +230,11 @@ def model_token_logprobs(model, targets: torch.Tensor, chunk_size: int = 1024,
         return logp, -(logp_all.exp() * logp_all).sum(-1)
 
     def projection(hidden: torch.Tensor) -> torch.Tensor:
-        logp, entropy = chunked_token_logprobs(hidden, head.weight, targets, chunk_size, ignore_index)
+        if logprob_path(hidden) == "fused":
+            from tidal_kernels.fused_logprob import fused_token_logprobs
+            logp, entropy = fused_token_logprobs(hidden, head.weight, targets, ignore_index)
+        else:
+            logp, entropy = chunked_token_logprobs(hidden, head.weight, targets, chunk_size, ignore_index)
         return torch.stack([logp, entropy], dim=-1)
 
     head.forward = projection  # an instance attribute shadows the class's forward
