@@ -182,7 +182,8 @@ def test_ppo_rows_carry_returns_and_values_at_the_response_positions(tmp_path):
     from tests.unit.test_rl_source import rows, tiny
 
     cfg = RLHFConfig()
-    cfg = replace(cfg, algorithm=replace(cfg.algorithm, estimator="gae", kl_coef=0.0, whiten_advantages=False))
+    cfg = replace(cfg, algorithm=replace(cfg.algorithm, estimator="gae", kl_coef=0.0, whiten_advantages=False,
+                                         bootstrap_truncated=True))
     src = RolloutSource(cfg, [], [], 0, 1, torch.device("cpu"), pad_id=0)
     policy, critic = tiny(), classifier(tmp_path)
     rs = rows()
@@ -200,6 +201,15 @@ def test_ppo_rows_carry_returns_and_values_at_the_response_positions(tmp_path):
                       1.0, 0.95, torch.tensor([float(v[3])]))
     torch.testing.assert_close(rs[1]["advantage"].double(), ref[0], atol=1e-6, rtol=1e-6)
     assert (rs[2]["advantage"] == 0).all()  # a dropped sample has no advantage
+    # by default a truncated response's score ends its episode: no value after it
+    terminal = replace(cfg, algorithm=replace(cfg.algorithm, bootstrap_truncated=False))
+    cut = [dict(r) for r in rs]
+    RolloutSource(terminal, [], [], 0, 1, torch.device("cpu"), pad_id=0)._gae(cut, len(cut), [False, True, False],
+                                                                            0.0, {})
+    ref, _ = gae_loop(torch.tensor([[0.0, 0.0, 1.0]]), v[:3].double()[None], torch.ones(1, 3, dtype=torch.bool),
+                      1.0, 0.95, torch.zeros(1))
+    torch.testing.assert_close(cut[1]["advantage"].double(), ref[0], atol=1e-6, rtol=1e-6)
+    assert float(rs[1]["advantage"][-1] - cut[1]["advantage"][-1]) == pytest.approx(float(v[3]), rel=1e-4)
     assert "explained_var" in out and "returns_mean" in out
     b = src.make_batch(rs)
     torch.testing.assert_close(b["returns"][1, :3], rs[1]["returns"])

@@ -502,6 +502,14 @@ class AlgorithmConfig:
     lam: float = 0.95
     whiten_advantages: bool = True
     value_clip: Optional[float] = 0.2
+    # a response cut at rollout.max_tokens was scored as it is: its episode ends there (as in
+    # OpenRLHF and TRL); true adds the value of the state after it (for rewards that are not
+    # final at the cut)
+    bootstrap_truncated: bool = False
+    # PPO: the scores standardized over the iteration's kept samples before the KL penalty is
+    # added, so the penalty's weight does not depend on the reward's scale (a reward model's
+    # scores can span 1e-3 or 10)
+    reward_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -512,6 +520,9 @@ class CriticConfig:
     policy's (a new head), ``auto`` the reward model when there is one."""
 
     init: Literal["auto", "reward", "policy"] = "auto"
+    # the first iterations train only the value model (the policy waits, as OpenRLHF's
+    # freezing_actor_steps): advantages from a value model that has not fit yet are noise
+    warmup_iterations: int = 0
     optim: OptimConfig = _optim(1e-4)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="constant", warmup_steps=0))
 

@@ -375,6 +375,8 @@ def _check_kl_and_critic(cfg, p: List[str]) -> None:
     if c.init == "reward" and cfg.reward.model is None:
         p.append("critic.init: 'reward' needs a reward model (reward.model is null); allowed: policy, "
                  "auto, or set reward.model")
+    _check(p, 0 <= c.warmup_iterations < cfg.train.max_steps, "critic.warmup_iterations",
+           f">= 0 and < train.max_steps ({cfg.train.max_steps}): the policy must train", c.warmup_iterations)
     check_optim(c.optim, "critic.optim", p)
     check_schedule(c.schedule, "critic.schedule", cfg.train.max_steps, p)
 

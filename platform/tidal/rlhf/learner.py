@@ -26,9 +26,11 @@ from tidal.train.worker import WorkerContext
 
 
 def engine_spec(cfg) -> EngineSpec:
-    """The policy's engine: the schedule spans every optimizer step of the run."""
+    """The policy's engine: the schedule spans every optimizer step of the run (none in
+    PPO's value-model warm-up iterations)."""
     a = cfg.algorithm
-    train = replace(cfg.train, max_steps=cfg.train.max_steps * a.epochs * a.minibatches)
+    iterations = cfg.train.max_steps - (cfg.critic.warmup_iterations if a.estimator == "gae" else 0)
+    train = replace(cfg.train, max_steps=iterations * a.epochs * a.minibatches)
     return EngineSpec(cfg.model, cfg.optim, cfg.schedule, cfg.scaling, train,
                       cfg.data.seq_len + cfg.rollout.max_tokens)
 
@@ -49,9 +51,10 @@ def critic_spec(cfg) -> EngineSpec:
     from ``critic_init``'s weights, without LoRA (the critic trains fully)."""
     from tidal.config.schema import LoRAConfig
 
-    policy = engine_spec(cfg)
+    policy, a = engine_spec(cfg), cfg.algorithm
     model = replace(cfg.model, pretrained=critic_init(cfg), lora=LoRAConfig(rank=0))
-    return replace(policy, model=model, optim=cfg.critic.optim, schedule=cfg.critic.schedule)
+    train = replace(cfg.train, max_steps=cfg.train.max_steps * a.epochs * a.minibatches)  # every iteration
+    return replace(policy, model=model, optim=cfg.critic.optim, schedule=cfg.critic.schedule, train=train)
 
 
 def sync_tolerance(cfg, precision: str) -> float:
@@ -120,9 +123,11 @@ VALUE_KEYS = {"loss": "value_loss", "grad_norm": "value_grad_norm", "lr": "value
 
 def _learn(ctx: WorkerContext, engine, source: RolloutSource, critic_guard=None) -> Dict:
     """The iteration's optimizer steps (the policy's, and after each the value model's when
-    there is one); ``{"anomaly": ...}`` when a guard vetoed one."""
+    there is one; only the value model's during ``critic.warmup_iterations``);
+    ``{"anomaly": ...}`` when a guard vetoed one."""
     a, t = ctx.cfg.algorithm, ctx.cfg.train
     critic = engine.companions.get("value")
+    frozen = critic is not None and source.iteration < ctx.cfg.critic.warmup_iterations
     steps = []
     engine.objective.reset_range()
     engine.objective.kl_coef = source.kl.value
@@ -130,8 +135,8 @@ def _learn(ctx: WorkerContext, engine, source: RolloutSource, critic_guard=None)
         for mb in range(a.minibatches):
             source.minibatch = mb
             batches = source.batches(ctx.rank, ctx.world, t.micro_batch_size)
-            m = train_step(engine, batches, guard=ctx.guard.check,
-                           loss_scale=ctx.injector.loss_scale(engine.step + 1))
+            m = {"policy_frozen": 1} if frozen else train_step(
+                engine, batches, guard=ctx.guard.check, loss_scale=ctx.injector.loss_scale(engine.step + 1))
             if "anomaly" in m:
                 return m
             if critic is not None:

@@ -211,6 +211,11 @@ class RolloutSource:
         rewards = torch.tensor(payload["rewards"], dtype=torch.float64)
         out = {}
         if critic is not None:
+            if a.reward_norm and keep.any():
+                kept = rewards[keep]
+                std = float(kept.std(unbiased=False)) if len(kept) > 1 else 0.0
+                for r in mine:
+                    r["score"] = (r["score"] - float(kept.mean())) / (std + a.std_eps)
             adv = self._gae(mine, len(rows), payload["truncated"], beta if penalty else 0.0, out)
         else:
             if penalty:
@@ -224,7 +229,8 @@ class RolloutSource:
         if reference is not None:
             kl = float(seq_kl[keep].mean()) if keep.any() else 0.0
             out.update(kl_seq=kl, kl_coef=beta)
-            self.kl.update(kl, int(keep.sum()))
+            if critic is None or self.iteration >= cfg.critic.warmup_iterations:  # the policy moves
+                self.kl.update(kl, int(keep.sum()))
         out["logp_s"] = time.time() - t0
         out["_samples"] = payload
         return out
@@ -249,7 +255,7 @@ class RolloutSource:
             if beta and r["ref_logp"] is not None:
                 rew[j, :k] = -beta * A.kl_penalty(r["old_logp"], r["ref_logp"], "k1").double()
             rew[j, k - 1] += r["score"]
-            if truncated[r["index"]]:  # it did not end: the state after it has a value
+            if a.bootstrap_truncated and truncated[r["index"]]:  # the state after it has a value
                 boot[j] = r["bootstrap"]
         adv, ret = A.gae(rew, val, mask, a.gamma, a.lam, boot)
         stats = C.all_sum(torch.cat([A.whiten_stats(adv, mask), A.whiten_stats(ret, mask),

@@ -204,7 +204,8 @@ class Progress:
         self.bar.start()
 
     def update(self, rec: Dict, val: Optional[float]) -> None:
-        info = f"loss {rec['loss']:.3f}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s"
+        info = (f"loss {rec['loss']:.3f}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s" if "loss" in rec
+                else f"value model only ({rec.get('value_loss', 0.0):.3f})")  # PPO's value-model warm-up
         if "reward_mean" in rec:  # an RL iteration: what it earned, how long it wrote, the sync
             kl = (f"kl {rec['kl']:.4f}" if "kl" in rec  # per token, a loss term; else per sequence (PPO)
                   else f"kl/seq {rec.get('kl_seq', 0.0):.2f}")

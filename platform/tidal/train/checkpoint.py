@@ -142,11 +142,15 @@ def load(engine: Engine, path: str) -> Dict:
 
 
 class Checkpointer:
-    """Saves (sync or async), uploads through ``ray.train.report``, commits, prunes."""
+    """Saves (sync or async), uploads through ``ray.train.report``, commits, prunes.
+    Checkpoints are named by ``count``, the run's progress counter (optimizer steps by
+    default; an RL run's iterations, which need not move the optimizer step one for one)."""
 
     def __init__(self, engine, run_dir: str, meta: Dict, tok_dir: str, injector, hub,
-                 states: Optional[Callable[[], Dict[str, Dict]]] = None):
+                 states: Optional[Callable[[], Dict[str, Dict]]] = None,
+                 count: Optional[Callable[[], int]] = None):
         self.engine, self.run_dir, self.meta, self.tok_dir = engine, run_dir, meta, tok_dir
+        self.count = count or (lambda: engine.step)
         self.states = states or dict  # the run's other named states at save time
         self.injector, self.hub = injector, hub
         self.keep = engine.spec.train.keep_checkpoints
@@ -164,18 +168,19 @@ class Checkpointer:
         self.wait()
         e = self.engine
         t0 = time.perf_counter()
-        name = integrity.checkpoint_name(e.step)
+        step = self.count()
+        name = integrity.checkpoint_name(step)
         target = tio.join(self.run_dir, name)
         if e.rank == 0 and tio.exists(target):  # an earlier attempt's unfinished save
             tio.remove_tree(target)
         C.barrier(e.world)
         tmp = tempfile.mkdtemp(prefix="tidal-ckpt-")
         future = save(e, tmp, self.meta, self.tok_dir, async_group=self.group, states=self.states())
-        self.last_saved = e.step
+        self.last_saved = step
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if future is None:
             integrity.write_rank_manifest(tmp, e.rank)
-            self._finish(e.step, name, tmp, scalars, time.perf_counter() - t0, False)
+            self._finish(step, name, tmp, scalars, time.perf_counter() - t0, False)
             return
         done = threading.Event()
 
@@ -187,7 +192,7 @@ class Checkpointer:
                 done.set()
 
         threading.Thread(target=write_and_digest, daemon=True).start()
-        self.pending = (e.step, name, tmp, future, scalars, done, time.perf_counter() - t0)
+        self.pending = (step, name, tmp, future, scalars, done, time.perf_counter() - t0)
 
     def poll(self) -> None:
         """Commit a finished async save (collective: every rank must have finished writing)."""

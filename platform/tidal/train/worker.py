@@ -178,7 +178,7 @@ class WorkerContext:
             return {source.name: source.state_dict(), **({"stage": stage.state_dict()} if stage else {})}
 
         self.saver = ckpt.Checkpointer(engine, self.run_dir, meta, tok_dir, self.injector, self.hub,
-                                       states=states)
+                                       states=states, count=self.count)
         self.stop_watch = StopWatch(self.hub, self.rank, self.world, engine.device)
 
     def restore(self, **start_facts) -> Optional[str]:
