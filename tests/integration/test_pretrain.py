@@ -43,6 +43,7 @@ def test_two_workers_learn_and_export_loads_and_generates(ray_local, out):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0
     card = open(os.path.join(run_dir, "run_card.md")).read()
     assert "data manifest sha256" in card and "max_steps: 60" in card and "| torch |" in card
+    assert "| optimizer | adamw, lr 0.003, weight decay 0.1; state 8 bytes per trainable parameter" in card
     ckpts = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_0"))
     assert ckpts == ["checkpoint_0000040", "checkpoint_0000060"]  # the newest 2 are kept
     assert summary["checkpoint"].endswith("checkpoint_0000060")

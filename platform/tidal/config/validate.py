@@ -400,12 +400,16 @@ def _check_rollout_split(cfg, p: List[str]) -> None:
                  "algorithm.minibatches a multiple of every worker count")
 
 
-def check_optim(o, key: str, p: List[str]) -> None:
-    """An optimizer section (``optim``, ``critic.optim``)."""
+def check_optim(o, key: str, p: List[str], use_gpu: "bool | None" = None) -> None:
+    """An optimizer section (``optim``, ``critic.optim``). ``use_gpu``: ``scaling.use_gpu``;
+    a CUDA-only optimizer (``adamw8bit``) is refused where no GPU will run it."""
     from tidal.optim import OPTIMIZERS
+    from tidal.optim.optimizers import unavailable
 
     if o.name not in OPTIMIZERS:
         p.append(f"{key}.name: '{o.name}' is not one of {', '.join(sorted(OPTIMIZERS))}")
+    elif (why := unavailable(o.name, use_gpu)) is not None:
+        p.append(f"{key}.name: {why}")
     _check(p, o.lr > 0, f"{key}.lr", "> 0", o.lr)
     _check(p, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"{key}.betas",
            "two values in [0, 1)", o.betas)
@@ -491,7 +495,7 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     except ValueError as e:
         p.append(str(e))
     else:
-        rl_only = sorted({f.spec for f in faults if f.kind in ("kill_engine", "kill_reward")})
+        rl_only = sorted({f.spec for f in faults if f.kind in ("kill_engine", "kill_reward", "stall_sync")})
         if rl_only and not hasattr(cfg, "rollout"):
             p.append(f"train.inject_faults: {', '.join(rl_only)} drill rollout engines and reward actors, "
                      "which only RL runs (jobs/rlhf.py) have")

@@ -129,6 +129,10 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
         if sweep.scheduler.name == "pbt" and prm.key.startswith("model."):
             p.append(f"{where}.key: '{prm.key}': pbt forks trials from each other's checkpoints, "
                      "which needs the same model in every trial")
+        if sweep.scheduler.name == "pbt" and prm.key == "optim.name":
+            p.append(f"{where}.key: '{prm.key}': pbt forks trials from each other's checkpoints, "
+                     "whose optimizer state only the same optimizer can continue; search it with "
+                     "asha or fifo")
         if prm.type not in TYPES:
             p.append(f"{where}.type: '{prm.type}' is not one of {', '.join(TYPES)}")
             continue

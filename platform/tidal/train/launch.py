@@ -178,8 +178,18 @@ def _facts(cfg: PretrainConfig, manifest: Dict, data_dir: str, events: list, use
             "seed": cfg.train.seed, "deterministic": cfg.train.deterministic,
             "workers": f"{cfg.scaling.workers} ({'GPU' if use_gpu else 'CPU'}, "
                        f"{start.get('precision', '?')}), grad accum {start.get('grad_accum', '?')}",
+            "optimizer": _optimizer_fact(cfg.optim, start.get("optim_state_bytes_per_param")),
             "git commit": run_card.git_commit(os.path.dirname(__file__)),
             "config fingerprint": fingerprint(cfg), **_rl_facts(cfg, manifest)}
+
+
+def _optimizer_fact(o, state_bytes) -> str:
+    """The optimizer and its state per trainable parameter (the workers' formula over the
+    parameter shapes: fp32 state, step counters left out)."""
+    out = f"{o.name}, lr {o.lr:g}, weight decay {o.weight_decay:g}"
+    if state_bytes is not None:
+        out += f"; state {state_bytes:.3g} bytes per trainable parameter (from the shapes)"
+    return out
 
 
 def _rl_summary(log: MetricsLog, events: list) -> Dict:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from tidal.optim.optimizers import state_bytes_per_param
 from tidal.parallel import collectives as C
 from tidal.train import checkpoint as ckpt
 from tidal.train import integrity
@@ -197,6 +198,8 @@ class WorkerContext:
         self.emit({"event": "start", "step": self.count(), "world_size": self.world,
                    "num_params": e.num_params, "grad_accum": e.grad_accum,
                    "trainable_params": e.trainable_params,
+                   "optim_state_bytes_per_param": state_bytes_per_param(e.model.parameters(),
+                                                                        e.spec.optim.name),
                    "restored": chosen["path"] is not None, "checkpoint": chosen["path"],
                    **self.source.state_dict(), "precision": e.precision, **start_facts})
         return chosen["path"]
