@@ -138,6 +138,10 @@ CONFIG_CASES = [
      "train.inject_faults: kill_reward kills a reward-model actor, but reward.model is null"),
     ("pretrain.py", ["train.inject_faults=[kill_engine@3]"],
      "train.inject_faults: kill_engine@3 drill rollout engines and reward actors, which only RL runs"),
+    ("pretrain.py", ["train.inject_faults=[stall_sync@2]"],
+     "train.inject_faults: stall_sync@2 drill rollout engines and reward actors, which only RL runs"),
+    ("rlhf.py", ["algorithm=ppo", "critic.warmup_iterations=20", "reward.model=null", "reward.rules=[format]"],
+     "critic.warmup_iterations: must be >= 0 and < train.max_steps (20): the policy must train"),
 ]
 
 

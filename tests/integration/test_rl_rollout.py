@@ -3,6 +3,7 @@ reproducible per-sample seeds, log-probs equal to the learner's, and the version
 sync (checksums, version gate, parity after a sync)."""
 import glob
 import os
+import time
 
 import pytest
 import torch
@@ -175,6 +176,23 @@ def test_lost_and_lying_engines_are_recreated_and_resynced(engines):
     # the re-created engines serve the current policy: the samples of before, exactly
     assert group.generate(prompts, seeds, max_tokens=6, temperature=1.0) == [
         [{**s, "version": 2} for s in row] for row in before]
+
+    # an engine that hangs in a sync past its deadline: a typed timeout, then a retry on a
+    # re-created engine (only the hung one: the other answers its ping), which serves version 3
+    group.sync_timeout_s = 8
+    stalled = group.actors[0]
+    kept = ray.get(group.actors[1].info.remote())["pid"]
+    ray.get(stalled.arm_stall.remote())
+    events.clear()
+    t0 = time.time()
+    info = with_retries(lambda: {**push(learner, group, 3), **check_parity(learner, group, probe, 1e-3, 3)},
+                        group, 2, 0, 1, events.append, 3)
+    assert info["sync_attempts"] == 2 and time.time() - t0 >= 8
+    assert [e["event"] for e in events] == ["sync_retry"] and events[0]["engines_lost"] == 1
+    assert "no answer within 8 s" in events[0]["reason"] and "RolloutTimeout" in events[0]["reason"]
+    assert group.actors[0] != stalled and ray.get(group.actors[1].info.remote())["pid"] == kept
+    assert group.generate(prompts, seeds, max_tokens=6, temperature=1.0) == [
+        [{**s, "version": 3} for s in row] for row in before]
 
     # retries are bounded: the last failure is raised, typed
     def never():

@@ -377,7 +377,7 @@ def _check_kl_and_critic(cfg, p: List[str]) -> None:
                  "auto, or set reward.model")
     _check(p, 0 <= c.warmup_iterations < cfg.train.max_steps, "critic.warmup_iterations",
            f">= 0 and < train.max_steps ({cfg.train.max_steps}): the policy must train", c.warmup_iterations)
-    check_optim(c.optim, "critic.optim", p)
+    check_optim(c.optim, "critic.optim", p, cfg.scaling.use_gpu)
     check_schedule(c.schedule, "critic.schedule", cfg.train.max_steps, p)
 
 
@@ -463,7 +463,7 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     _check(p, m.max_position_embeddings >= cfg.data.seq_len, "model.max_position_embeddings",
            f">= data.seq_len ({cfg.data.seq_len})", m.max_position_embeddings)
 
-    check_optim(o, "optim", p)
+    check_optim(o, "optim", p, sc.use_gpu)
     check_schedule(s, "schedule", t.max_steps, p)
 
     try:

@@ -90,6 +90,8 @@ def _driver(cfg, config: Dict, tok_dir: str) -> RolloutDriver:
 def _push_and_check(ctx: WorkerContext, engine, source: RolloutSource, probe: List[int]) -> Dict:
     version = source.iteration
     group = source.driver.group if source.driver else None
+    if group is not None and ctx.injector.once("stall_sync", version):  # a drill: an engine hangs
+        group.actors[0].arm_stall.remote()
     info = S.push(engine, group, version)
     info.update(S.check_parity(engine, group, probe, sync_tolerance(ctx.cfg, engine.precision), version))
     return info

@@ -103,6 +103,7 @@ class RolloutEngine:
         self.hasher = None
         self.pending: Optional[int] = None
         self.doomed = False  # a fault drill armed (arm_kill)
+        self.stall_s = 0.0  # a fault drill armed (arm_stall)
         self.start_s = time.time() - t0
 
     def info(self) -> Dict:
@@ -110,6 +111,9 @@ class RolloutEngine:
                 "pid": os.getpid()}
 
     def begin_sync(self, version: int) -> None:
+        if self.stall_s:  # a fault drill (arm_stall): this engine hangs in the sync
+            stall, self.stall_s = self.stall_s, 0.0
+            time.sleep(stall)
         self.staged, self.hasher, self.pending = [], hashlib.sha256(), version
 
     def receive(self, names: Sequence[str], tensors: Sequence) -> int:
@@ -185,6 +189,12 @@ class RolloutEngine:
         """A fault drill (``train.inject_faults`` ``kill_engine``): this engine's process
         SIGKILLs itself when its next generation request arrives, with the request in flight."""
         self.doomed = True
+        return os.getpid()
+
+    def arm_stall(self, seconds: float = 3600.0) -> int:
+        """A fault drill (``train.inject_faults`` ``stall_sync``): this engine hangs for
+        ``seconds`` when the next weight sync begins, past the sync's deadline."""
+        self.stall_s = float(seconds)
         return os.getpid()
 
     def shutdown(self) -> None:
@@ -419,8 +429,10 @@ class EngineGroup:
             raise EngineLost(f"{what}: {'; '.join(reasons)}", sorted(k for k in dead if k is not None))
         return out
 
-    def alive(self, timeout_s: float = 30.0) -> List[int]:
-        """Indices of the engines that answer a ping within ``timeout_s`` (the others are lost)."""
+    def alive(self, timeout_s: Optional[float] = None) -> List[int]:
+        """Indices of the engines that answer a ping within ``timeout_s`` (default: 30 s, or
+        the sync deadline when shorter; the others are lost)."""
+        timeout_s = timeout_s or min(30.0, self.sync_timeout_s)
         try:
             self._gather([(a, a.info.remote()) for a in self.actors], timeout_s, "ping")
             return list(range(len(self.actors)))

@@ -12,7 +12,9 @@
 - ``kill_engine@S``      RL: a rollout engine's process SIGKILLs itself while it generates
                          iteration S (the learners regenerate the iteration on a restart);
 - ``kill_reward@S``      RL: a reward-model actor is killed before it scores iteration S
-                         (its batch is re-scored on a replacement).
+                         (its batch is re-scored on a replacement);
+- ``stall_sync@S``       RL: a rollout engine hangs in the weight sync after iteration S
+                         (past ``rollout.sync_timeout_s``: the sync is retried on a new engine).
 
 Each fault except ``crash`` fires once per run: a marker under ``<run storage>/faults/`` is written before
 it fires, so the recovered run does not meet it again. Nothing fires unless configured.
@@ -27,7 +29,7 @@ from typing import List, Optional
 
 from tidal.data import io as tio
 
-KINDS = ("kill", "kill_in_save", "crash", "nan", "spike", "kill_engine", "kill_reward")
+KINDS = ("kill", "kill_in_save", "crash", "nan", "spike", "kill_engine", "kill_reward", "stall_sync")
 SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?::(?P<rank>\d+))?$")
 SPIKE_SCALE = 50.0
 
