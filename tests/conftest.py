@@ -8,3 +8,59 @@ PYTHON = sys.executable
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+# -- two test processes at once (pytest-xdist, `-n 2` in pyproject's addopts) ---------------
+# Most tests leave a core idle for much of their time (process and Ray start-up, waits), so
+# two run side by side, one module per process (`--dist loadfile`: module fixtures are built
+# once). Tests marked `exclusive` (wall-clock assertions, fake autoscaling clusters with
+# deadlines, `ray stop`, which stops every Ray runtime on the machine) run alone: they take
+# the session's lock exclusively, every other test takes it shared, and a turnstile in front
+# of it keeps a waiting exclusive test from being overtaken by the other process's next tests.
+
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _lock_dir():
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        return None  # one test process: nothing to share
+    path = os.path.join("/tmp", f"tidal-pytest-{run}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _flock(path: str, mode: int):
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    where = _lock_dir()
+    if where is None:
+        yield
+        return
+    mode = fcntl.LOCK_EX if item.get_closest_marker("exclusive") else fcntl.LOCK_SH
+    with contextlib.ExitStack() as held:
+        with _flock(os.path.join(where, "turnstile"), fcntl.LOCK_EX):
+            held.enter_context(_flock(os.path.join(where, "tests"), mode))
+        yield  # setup (module fixtures included), call and teardown, under the lock
+
+
+def shared_once(name: str):
+    """A lock and a directory every test process of this session shares (``None`` with one
+    process), for work that one process does and the others reuse."""
+    where = _lock_dir()
+    if where is None:
+        return None, None
+    return _flock(os.path.join(where, f"{name}.lock"), fcntl.LOCK_EX), os.path.join(where, name)

@@ -59,12 +59,24 @@ def tiny_base_model(tmp_path_factory) -> str:
     tests start from: its HF export. Trained once per test session, by the first module that
     asks (its Ray runtime must be up: ray_local), and shared by the later ones, which only
     read it. The Shakespeare data it prepared is under ``<export>/../../data``."""
-    if "hf" not in _TINY_BASE:
-        from tidal.train.launch import run_stage
+    if "hf" in _TINY_BASE:
+        return _TINY_BASE["hf"]
+    import contextlib
 
+    from tests.conftest import shared_once
+    from tidal.train.launch import run_stage
+
+    lock, shared = shared_once("tiny_base")  # with two test processes, one trains it
+    with lock or contextlib.nullcontext():
+        if shared is not None and os.path.exists(shared):
+            _TINY_BASE["hf"] = open(shared).read()
+            return _TINY_BASE["hf"]
         out = tmp_path_factory.mktemp("tiny_base")
         _TINY_BASE["hf"] = run_stage("pretrain", small_cfg(out, run={"name": "base"},
                                                            train={"max_steps": 10}))["hf_export"]
+        if shared is not None:
+            with open(shared, "w") as f:
+                f.write(_TINY_BASE["hf"])
     return _TINY_BASE["hf"]
 
 

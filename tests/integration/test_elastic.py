@@ -15,7 +15,7 @@ from tests.integration.fake_cluster import FakeAutoscalingCluster
 from tidal.train import integrity
 from tidal.train.launch import run_stage
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive, needs_shakespeare]
 
 STEPS = 40
 CKPT_EVERY = 2

@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import PYTHON, ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
 BIN = os.path.dirname(PYTHON)
 
 

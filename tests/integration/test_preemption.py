@@ -16,7 +16,7 @@ from tests.integration.conftest import needs_shakespeare, run_isolated, small_cf
 from tidal.train import integrity
 from tidal.train.launch import run_stage
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_shakespeare]  # multi-minute: full suite only
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive, needs_shakespeare]  # multi-minute: full suite only
 
 
 @pytest.fixture()

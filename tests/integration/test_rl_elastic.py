@@ -11,7 +11,7 @@ import pytest
 from tests.integration.conftest import events, records, run_isolated
 from tests.integration.fake_cluster import FakeAutoscalingCluster
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
 pytest.importorskip("vllm")
 
 ITERATIONS = 200

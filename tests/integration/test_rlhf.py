@@ -131,6 +131,7 @@ def test_lora_grpo_trains_adapters_and_syncs_merged_weights(tmp_path, ray_local)
     assert os.path.exists(os.path.join(summary["adapter"], "adapter_model.safetensors"))
 
 
+@pytest.mark.exclusive  # compares two runs' seconds per iteration
 def test_async_rollouts_learn_with_bounded_staleness_and_fewer_syncs(tmp_path, ray_local):
     """rollout.max_staleness=2 against the synchronous run of the same config: the engines
     generate the next iteration while the learner trains, with weights synced every second
@@ -218,6 +219,7 @@ def test_ppo_learns_and_survives_a_killed_engine_and_learner_identically(tmp_pat
     assert yaml.safe_load(open(os.path.join(drilled["run_dir"], "config.yaml")))["algorithm"]["name"] == "ppo"
 
 
+@pytest.mark.timeout(2400)  # six jobs, ~15 minutes alone
 def test_default_lifecycle_raises_held_out_reward(tmp_path):
     """`python jobs/rlhf.py` with no model, reward or data given, on a fresh output dir:
     pretraining, SFT and the reward model run first (short runs here), then GRPO on the
@@ -267,6 +269,8 @@ def test_default_lifecycle_raises_held_out_reward(tmp_path):
     assert [r.get("policy_frozen", 0) for r in recs] == [1, 1] + [0] * 8
     assert all("loss" not in r for r in recs[:2]) and all("loss" in r for r in recs[2:])
     assert all(r["kl_seq"] == 0 for r in recs[:3])  # iteration 3 still samples the starting policy
+    # checkpoints are named by iteration (the policy took 8 optimizer steps in 10 iterations)
+    assert os.path.isdir(os.path.join(run_dir, "checkpoint_0000010")) and recs[-1]["optimizer_step"] == 8
     assert recs[-1]["explained_var"] > max(recs[0]["explained_var"], 0.1)
     # PPO raises the held-out reward, its per-sequence KL climbs to the order of its target (6
     # nats) without passing it, and the adaptive controller moves the coefficient by the KL's
