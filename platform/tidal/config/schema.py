@@ -59,6 +59,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # build on the meta device, shard, then materialise only this worker's shards (seeded
+    # init or the pretrained files' rows); false: every worker builds the whole model first
+    meta_init: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     # pretraining a `pretrained` model on text from another tokenizer is refused unless set
     allow_tokenizer_mismatch: bool = False

@@ -75,9 +75,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
             model.resize_token_embeddings(vocab_size)
             model.tidal_new_tokens = list(range(old, vocab_size))  # LoRA trains these rows
     else:
+        from tidal.models.materialize import seeded_init_
+
         conf = hf_config(cfg, vocab_size, eos_id, pad_id)
         model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32,
                                                  attn_implementation="sdpa")
+        seeded_init_(model, seed, cfg.init_std)  # the weights of the sharded path, whatever the world size
     model.config.use_cache = False
     return model
 

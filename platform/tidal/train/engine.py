@@ -89,8 +89,14 @@ def build_engine(spec: Union[EngineSpec, object], vocab_size: int, eos_id: int, 
     """The sharded model, optimizer and counters of ``spec`` (an :class:`EngineSpec`, or a
     stage config, whose spec is taken)."""
     cfg = spec if isinstance(spec, EngineSpec) else EngineSpec.of(spec)
+    from tidal.models import materialize
+
     set_determinism(cfg.train.seed, cfg.train.deterministic)
-    model = build_model(cfg.model, vocab_size, eos_id, pad_id, cfg.train.seed, head=head)
+    meta = materialize.eligible(cfg.model, head, vocab_size)  # each rank allocates only its shards
+    if meta:
+        model = materialize.build_meta(cfg.model, vocab_size, eos_id, pad_id)
+    else:
+        model = build_model(cfg.model, vocab_size, eos_id, pad_id, cfg.train.seed, head=head)
     num_params = count_params(model)
     flop_params = M.matmul_params(model)
     shape = shape_of(model)
@@ -100,10 +106,13 @@ def build_engine(spec: Union[EngineSpec, object], vocab_size: int, eos_id: int, 
 
         model = lora.wrap(model, lora_cfg, head, getattr(model, "tidal_new_tokens", []),
                           cfg.model.pretrained)
-    model.to(device)
+    if not meta:
+        model.to(device)
     precision = resolve_precision(cfg.scaling.precision, device.type)
     mesh = make_mesh(device.type, world)
     apply_fsdp(model, mesh, precision, cfg.scaling.activation_checkpointing)
+    if meta:
+        materialize.materialize_(model, device, cfg.model, cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim, device.type)
     seq = cfg.seq_len
     peak = M.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
