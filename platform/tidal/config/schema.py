@@ -260,6 +260,9 @@ class TrainConfig:
     deterministic: bool = False
     export_hf: bool = True
     async_checkpoint: bool = False  # DCP async_save: training continues while shards are written
+    # every N optimizer steps: per-layer-group gradient norms, update-to-parameter ratios and
+    # the step's communication seconds (tidal.train.dynamics); 0: never
+    dynamics_every: int = 10
     guard: GuardConfig = field(default_factory=GuardConfig)
     inject_faults: List[str] = field(default_factory=list)  # drills: kill@S[:R], kill_in_save@S[:R], nan@S, spike@S
 

@@ -57,10 +57,8 @@ def _rows(p: torch.Tensor) -> Tuple[int, int]:
     n = p.shape[0] if p.dim() else 1
     if not hasattr(p, "device_mesh"):
         return 0, n
-    from torch.distributed.tensor import Shard
-
     (placement,) = p.placements
-    if not isinstance(placement, Shard) or placement.dim != 0:
+    if not placement.is_shard(0):
         raise ValueError(f"unexpected placement {placement} (FSDP2 shards dim 0)")
     mesh = p.device_mesh
     per = math.ceil(n / mesh.size())

@@ -59,3 +59,47 @@ def rl_curves(records: List[Dict], path: str, title: str, start_reward=None) -> 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def dynamics_curves(records: List[Dict], path: str, title: str) -> str:
+    """Beside the loss curve: per layer group, the gradient norm and the update-to-parameter
+    ratio (log scales), and where each measured step's seconds went (communication, data
+    wait, compute)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if "update_ratio" in r]
+    steps = [r["step"] for r in recs]
+    groups = sorted({k.split("/", 1)[1] for r in recs for k in r if k.startswith("update_ratio/")},
+                    key=lambda g: (g != "embed", g == "head", int(g.split(".")[1].split("-")[0]) if g.startswith("blocks.") else 0))
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), dpi=110, sharex=True)
+    colors = plt.get_cmap("viridis")
+    for i, g in enumerate(groups):
+        c = colors(i / max(1, len(groups) - 1))
+        axes[0].plot(steps, [r.get(f"grad_norm/{g}", float("nan")) for r in recs], lw=1.1, color=c, label=g)
+        axes[1].plot(steps, [r.get(f"update_ratio/{g}", float("nan")) for r in recs], lw=1.1, color=c, label=g)
+    axes[1].plot(steps, [r["update_ratio"] for r in recs], "k--", lw=1.4, label="all")
+    axes[0].set_ylabel("gradient norm")
+    axes[1].set_ylabel("|update| / |weights|")
+    for ax in axes[:2]:
+        ax.set_yscale("log")
+    axes[1].legend(fontsize=7, ncol=2)
+    parts = [("comm_gather_s", "all-gather"), ("comm_reduce_s", "reduce-scatter"), ("data_wait_s", "data wait"),
+             ("compute_s", "compute")]
+    bottom = [0.0] * len(recs)
+    for key, label in parts:
+        vals = [r.get(key, 0.0) for r in recs]
+        axes[2].bar(steps, vals, bottom=bottom, label=label, width=max(1, (steps[-1] - steps[0]) / max(1, 2 * len(steps))) if steps else 1)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[2].set_ylabel("seconds of a measured step")
+    axes[2].set_xlabel("step")
+    axes[2].legend(fontsize=7)
+    axes[0].set_title(title)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

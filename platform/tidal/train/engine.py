@@ -7,6 +7,7 @@ this same engine.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -25,6 +26,7 @@ from tidal.parallel import apply as apply_fsdp
 from tidal.parallel import collectives as C
 from tidal.parallel import make_mesh, resolve_precision
 from tidal.train import metrics as M
+from tidal.train.dynamics import Dynamics
 
 
 
@@ -69,6 +71,7 @@ class Engine:
     # engines trained beside this one in the same workers (PPO's value model, by name):
     # checkpointed, restored and resharded with it
     companions: Dict[str, "Engine"] = field(default_factory=dict)
+    dynamics: Optional[Dynamics] = None  # train.dynamics_every > 0: measured every N steps
 
     @property
     def grad_accum(self) -> int:
@@ -114,6 +117,7 @@ def build_engine(spec: Union[EngineSpec, object], vocab_size: int, eos_id: int, 
     if meta:
         materialize.materialize_(model, device, cfg.model, cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim, device.type)
+    dynamics = Dynamics(model, cfg.train.dynamics_every, world, device) if cfg.train.dynamics_every else None
     seq = cfg.seq_len
     peak = M.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     return Engine(spec=cfg, model=model, optimizer=optimizer, device=device, rank=rank, world=world,
@@ -122,7 +126,8 @@ def build_engine(spec: Union[EngineSpec, object], vocab_size: int, eos_id: int, 
                                                     shape["hidden_size"], seq),
                   peak_flops=peak, shape=shape, precision=precision, lora=bool(lora_cfg.rank),
                   trainable_names=sorted(n for n, p in model.named_parameters() if p.requires_grad),
-                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  dynamics=dynamics)
 
 
 def _sums(loss_sum, weight, tokens, stats, device: torch.device) -> torch.Tensor:
@@ -144,13 +149,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _scale_and_clip(model: torch.nn.Module, scale: float, clip: float) -> torch.Tensor:
+def _scale_and_clip(model: torch.nn.Module, scale: float, clip: float,
+                    dyn: Optional[Dynamics] = None) -> torch.Tensor:
     """Gradients times ``scale`` (FSDP averaged them over ranks: ``world / global weight``
     makes them the gradient of the global mean loss), then clipped to norm ``clip`` (0: no
-    clipping); returns the norm before clipping."""
+    clipping); returns the norm before clipping (``dyn`` takes the groups' norms there)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if grads:
         torch._foreach_mul_(grads, scale)
+    if dyn is not None:
+        dyn.take_grads()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
@@ -175,19 +183,12 @@ def train_step(engine: Engine, micro_batches: List[Batch],
         group["lr"] = lr
     model.train()
     n = len(micro_batches)
-    total, keys = None, ()
-    for i, batch in enumerate(micro_batches):
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once per step
-            model.set_requires_gradient_sync(i == n - 1)
-        loss_sum, weight, stats = engine.objective.loss(model, batch)
-        if loss_scale != 1.0:
-            loss_sum = loss_sum * loss_scale
-        loss_sum.backward()
-        part = _sums(loss_sum, weight, batch["tokens"], stats, engine.device)
-        total, keys = (part if total is None else total + part), sorted(stats)
+    dyn = engine.dynamics if engine.dynamics is not None and engine.dynamics.due(engine.step + 1) else None
+    with dyn.timing_comm(True) if dyn is not None else contextlib.nullcontext():
+        total, keys = _accumulate(engine, micro_batches, loss_scale)
     total = C.all_sum(total, engine.world)
     weight = total[1].item()
-    grad_norm = _scale_and_clip(model, engine.world / weight if weight > 0 else 0.0, cfg.optim.grad_clip)
+    grad_norm = _scale_and_clip(model, engine.world / weight if weight > 0 else 0.0, cfg.optim.grad_clip, dyn)
     loss_value = total[0].item() / weight if weight > 0 else 0.0
     # an all-padding global batch (weight 0) has nothing to learn from: no update, no guard
     verdict = guard(loss_value, float(grad_norm)) if guard is not None and weight > 0 else None
@@ -196,6 +197,8 @@ def train_step(engine: Engine, micro_batches: List[Batch],
         return {"step": engine.step + 1, "anomaly": verdict, "loss": loss_value,
                 "grad_norm": float(grad_norm), "lr": lr, **_means(total, keys)}
     if weight > 0:
+        if dyn is not None:
+            dyn.snapshot()
         opt.step()
     opt.zero_grad(set_to_none=True)
     _sync(engine.device)
@@ -213,7 +216,26 @@ def train_step(engine: Engine, micro_batches: List[Batch],
     util = M.mfu(tps_device, engine.flops_per_token * (1 + refs / 3), engine.peak_flops)
     if util is not None:
         out["mfu"] = util
+    if dyn is not None and weight > 0:
+        out.update(dyn.report(dt))
     return out
+
+
+def _accumulate(engine: Engine, micro_batches: List[Batch], loss_scale: float):
+    """Forward and backward over this rank's micro-batches (FSDP reduce-scatters the
+    gradients after the last); returns the summed ``_sums`` vector and the stat keys."""
+    model, n = engine.model, len(micro_batches)
+    total, keys = None, ()
+    for i, batch in enumerate(micro_batches):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once per step
+            model.set_requires_gradient_sync(i == n - 1)
+        loss_sum, weight, stats = engine.objective.loss(model, batch)
+        if loss_scale != 1.0:
+            loss_sum = loss_sum * loss_scale
+        loss_sum.backward()
+        part = _sums(loss_sum, weight, batch["tokens"], stats, engine.device)
+        total, keys = (part if total is None else total + part), sorted(stats)
+    return total, keys
 
 
 @torch.no_grad()

@@ -386,6 +386,9 @@ def _write_results(cfg, summary: Dict, metrics_log: MetricsLog, wandb: WandbSink
     if metrics_log.records:
         summary["loss_plot"] = plots.loss_curve(metrics_log.records, os.path.join(run_dir, "loss.png"),
                                                 f"{cfg.run.name}: {cfg.model.name} on {cfg.data.name}")
+    if any("update_ratio" in r for r in metrics_log.records):
+        summary["dynamics_plot"] = plots.dynamics_curves(metrics_log.records, os.path.join(run_dir, "dynamics.png"),
+                                                         f"{cfg.run.name}: training dynamics")
     if any("reward_mean" in r for r in metrics_log.records):
         summary["rl_plot"] = plots.rl_curves(metrics_log.records, os.path.join(run_dir, "rl.png"),
                                              f"{cfg.run.name}: reward, KL, response length",

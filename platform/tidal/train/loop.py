@@ -8,6 +8,7 @@ context's (``tidal.train.worker``), which the RL learner loop shares.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Dict
 
 import numpy as np
@@ -94,8 +95,12 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     while engine.step < end:
         if ctx.stop_requested():
             return
-        metrics = train_step(engine, source.batches(rank, world, t.micro_batch_size),
-                             guard=ctx.guard.check, loss_scale=ctx.injector.loss_scale(engine.step + 1))
+        t0 = time.perf_counter()
+        batches = source.batches(rank, world, t.micro_batch_size)
+        waited = time.perf_counter() - t0  # the step waited this long for its data
+        metrics = train_step(engine, batches, guard=ctx.guard.check,
+                             loss_scale=ctx.injector.loss_scale(engine.step + 1))
+        metrics.update(data_wait_s=waited, guard_rollbacks=ctx.rollbacks)
         if "anomaly" in metrics:
             if not ctx.recover(metrics):
                 return
