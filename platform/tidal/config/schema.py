@@ -59,6 +59,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # liger: Liger-Kernel's Triton RMSNorm, SwiGLU and RoPE in the llama/qwen2/mistral
+    # blocks and its fused linear cross-entropy for the next-token loss (CUDA only)
+    kernels: Literal["none", "liger"] = "none"
     # build on the meta device, shard, then materialise only this worker's shards (seeded
     # init or the pretrained files' rows); false: every worker builds the whole model first
     meta_init: bool = True
@@ -263,6 +266,9 @@ class TrainConfig:
     # every N optimizer steps: per-layer-group gradient norms, update-to-parameter ratios and
     # the step's communication seconds (tidal.train.dynamics); 0: never
     dynamics_every: int = 10
+    # torch.compile each decoder block (torchtitan's approach: blocks compiled in place, then
+    # sharded; parameter names and checkpoints unchanged)
+    compile: bool = False
     guard: GuardConfig = field(default_factory=GuardConfig)
     inject_faults: List[str] = field(default_factory=list)  # drills: kill@S[:R], kill_in_save@S[:R], nan@S, spike@S
 

@@ -5,7 +5,7 @@ import glob
 import math
 import os
 import re
-from typing import List
+from typing import List, Optional
 
 from tidal.config.convert import ConfigError
 from tidal.config.schema import DataConfig, ExportConfig, PrepareConfig, PretrainConfig, worker_bounds
@@ -400,6 +400,24 @@ def _check_rollout_split(cfg, p: List[str]) -> None:
                  "algorithm.minibatches a multiple of every worker count")
 
 
+def kernels_unavailable(kernels: str, use_gpu: Optional[bool] = None) -> Optional[str]:
+    """Why ``model.kernels`` cannot run here, or None (the driver's view: a remote
+    cluster's workers are checked when they build the model, ``tidal.models.kernels``)."""
+    import importlib.util
+
+    import torch
+
+    if kernels == "none":
+        return None
+    cuda_here = torch.cuda.is_available()
+    if use_gpu is False or (not cuda_here and not os.environ.get("RAY_ADDRESS")):
+        why = "scaling.use_gpu=false" if use_gpu is False else "this machine has no CUDA device"
+        return f"'{kernels}' runs Triton kernels on CUDA GPUs ({why}); allowed here: none"
+    if cuda_here and importlib.util.find_spec("liger_kernel") is None:
+        return f"'{kernels}' needs liger-kernel (pip install liger-kernel==0.8.5), which is not installed"
+    return None
+
+
 def check_optim(o, key: str, p: List[str], use_gpu: "bool | None" = None) -> None:
     """An optimizer section (``optim``, ``critic.optim``). ``use_gpu``: ``scaling.use_gpu``;
     a CUDA-only optimizer (``adamw8bit``) is refused where no GPU will run it."""
@@ -464,6 +482,8 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
            f">= data.seq_len ({cfg.data.seq_len})", m.max_position_embeddings)
 
     check_optim(o, "optim", p, sc.use_gpu)
+    if (why := kernels_unavailable(m.kernels, sc.use_gpu)) is not None:
+        p.append(f"model.kernels: {why}")
     check_schedule(s, "schedule", t.max_steps, p)
 
     try:

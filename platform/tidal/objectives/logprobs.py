@@ -255,8 +255,16 @@ def model_nll_sum(model, targets: torch.Tensor, chunk_size: int = 1024,
         logp, _ = model_token_logprobs(model, targets, chunk_size, ignore_index, **inputs)
         return -logp.sum()
 
+    liger = getattr(model, "tidal_fused_loss", None) == "liger"
+
     def projection(hidden: torch.Tensor) -> torch.Tensor:
-        loss = chunked_nll_sum(hidden, head.weight, targets, chunk_size, ignore_index)
+        if liger and hidden.is_cuda:  # model.kernels=liger: Liger's fused linear cross-entropy
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+            loss = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum")(
+                head.weight, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
+        else:
+            loss = chunked_nll_sum(hidden, head.weight, targets, chunk_size, ignore_index)
         # returned through the model's output, so backward passes its hooks (FSDP2's)
         return loss.view(1, 1, 1).expand(*hidden.shape[:-1], 1).contiguous()  # not a view: FSDP2 warns on views
 

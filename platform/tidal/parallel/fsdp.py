@@ -27,8 +27,10 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def apply(model: torch.nn.Module, mesh: DeviceMesh, precision: str,
-          activation_checkpointing: bool = False) -> torch.nn.Module:
-    """Shard each decoder block, then the root, with the given precision policy.
+          activation_checkpointing: bool = False, compile_blocks: bool = False) -> torch.nn.Module:
+    """Shard each decoder block, then the root, with the given precision policy
+    (``compile_blocks``: each block is first compiled in place with ``torch.compile``, as
+    torchtitan does; its parameters keep their names).
 
     bf16: parameters are gathered and computed in bf16, gradients reduced in fp32, the
     optimizer keeps fp32 master weights. fp32: everything in fp32 (the CPU default).
@@ -38,6 +40,9 @@ def apply(model: torch.nn.Module, mesh: DeviceMesh, precision: str,
     """
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile_blocks:
+        for block in decoder_blocks(model):
+            block.compile()
     if mesh.size() == 1 and precision == "fp32":
         return model
     mp = None

@@ -92,9 +92,10 @@ def build_engine(spec: Union[EngineSpec, object], vocab_size: int, eos_id: int, 
     """The sharded model, optimizer and counters of ``spec`` (an :class:`EngineSpec`, or a
     stage config, whose spec is taken)."""
     cfg = spec if isinstance(spec, EngineSpec) else EngineSpec.of(spec)
-    from tidal.models import materialize
+    from tidal.models import kernels, materialize
 
     set_determinism(cfg.train.seed, cfg.train.deterministic)
+    fused_loss = kernels.apply(cfg.model, device)  # model.kernels=liger: patched before building
     meta = materialize.eligible(cfg.model, head, vocab_size)  # each rank allocates only its shards
     if meta:
         model = materialize.build_meta(cfg.model, vocab_size, eos_id, pad_id)
@@ -109,11 +110,13 @@ def build_engine(spec: Union[EngineSpec, object], vocab_size: int, eos_id: int, 
 
         model = lora.wrap(model, lora_cfg, head, getattr(model, "tidal_new_tokens", []),
                           cfg.model.pretrained)
+    if fused_loss:
+        model.tidal_fused_loss = "liger"  # model_nll_sum's fused linear cross-entropy
     if not meta:
         model.to(device)
     precision = resolve_precision(cfg.scaling.precision, device.type)
     mesh = make_mesh(device.type, world)
-    apply_fsdp(model, mesh, precision, cfg.scaling.activation_checkpointing)
+    apply_fsdp(model, mesh, precision, cfg.scaling.activation_checkpointing, cfg.train.compile)
     if meta:
         materialize.materialize_(model, device, cfg.model, cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim, device.type)
