@@ -2,12 +2,13 @@
 up to the step's global norm, update-to-parameter ratios equal to the weights' measured
 change, FSDP2's all-gather and reduce-scatter seconds on 2 gloo ranks, and the plot."""
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.conftest import free_port
 
 from tidal.config import PretrainConfig, from_dict
 from tidal.train.dynamics import layer_groups
@@ -89,10 +90,7 @@ def _worker(rank, world, port, out):
 def test_two_ranks_time_gathers_and_reductions(tmp_path):
     import json
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     ms = [json.load(open(tmp_path / f"{r}.json")) for r in range(2)]
     for m in ms:
         assert m["comm_gather_s"] > 0 and m["comm_reduce_s"] > 0

@@ -7,11 +7,12 @@ The seeded rule itself is checked block by block in-process."""
 import hashlib
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.conftest import free_port
 
 from tidal.config import PretrainConfig, from_dict
 from tidal.models import materialize as M
@@ -62,16 +63,10 @@ def _worker(rank, world, port, out, meta, pretrained, export):
         dist.destroy_process_group()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build(tmp, tag, world, meta, pretrained=None, export=None):
     out = tmp / tag
     out.mkdir()
-    mp.start_processes(_worker, args=(world, _port(), str(out), meta, pretrained, export), nprocs=world,
+    mp.start_processes(_worker, args=(world, free_port(), str(out), meta, pretrained, export), nprocs=world,
                        start_method="spawn")
     return [json.load(open(out / f"rank{r}.json")) for r in range(world)]
 

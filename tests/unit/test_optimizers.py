@@ -9,12 +9,13 @@ unsharded one for the same gradients. The update rules are checked against hand
 computations and torch's own Adafactor; the state each keeps is what the run card states."""
 import importlib.util
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.conftest import free_port
 
 from tidal.config import ConfigError, PretrainConfig, from_dict, to_dict, validate_pretrain
 from tidal.config.validate import check_optim
@@ -137,16 +138,10 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("optim2"))
-    mp.start_processes(_worker, args=(2, _port(), out), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), out), nprocs=2, start_method="spawn")
     return out, torch.load(os.path.join(out, "results.pt"), weights_only=True)
 
 

@@ -52,13 +52,7 @@ def rl_curves(records: List[Dict], path: str, title: str, start_reward=None) -> 
     axes[2].plot(steps, [r["response_len_mean"] for r in recs], lw=1.2, color="tab:green")
     axes[2].set_ylabel("response tokens")
     axes[2].set_xlabel("iteration")
-    axes[0].set_title(title)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path, title)
 
 
 def dynamics_curves(records: List[Dict], path: str, title: str) -> str:
@@ -96,6 +90,13 @@ def dynamics_curves(records: List[Dict], path: str, title: str) -> str:
     axes[2].set_ylabel("seconds of a measured step")
     axes[2].set_xlabel("step")
     axes[2].legend(fontsize=7)
+    return _save(fig, axes, path, title)
+
+
+def _save(fig, axes, path: str, title: str) -> str:
+    """Title on the first panel, a light grid on each, written as a PNG."""
+    import matplotlib.pyplot as plt
+
     axes[0].set_title(title)
     for ax in axes:
         ax.grid(alpha=0.3)
