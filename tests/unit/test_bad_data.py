@@ -32,13 +32,13 @@ def _zst(data: bytes) -> bytes:
 
 def _corrupt_gz() -> bytes:
     """A valid gzip header, then a deflate stream with a broken block (zlib.error)."""
-    good = gzip.compress(LINES)
+    good = gzip.compress(LINES, mtime=0)
     return good[:10] + bytes(range(256)) * 4
 
 
 DAMAGED = {
     "corrupt.jsonl.gz": _corrupt_gz(),
-    "truncated.jsonl.gz": gzip.compress(LINES)[:40],
+    "truncated.jsonl.gz": gzip.compress(LINES, mtime=0)[:40],
     "corrupt.jsonl.zst": _zst(LINES)[:20] + b"garbage" * 10,
     "truncated.jsonl.zst": _zst(LINES)[:-5],  # zstd's stream reader would return b"" here
 }
@@ -99,7 +99,7 @@ def test_deeply_nested_json_list_file_is_one_bad_file(tmp_path):
 
 @pytest.mark.parametrize("name,data,reason", [
     ("empty.txt", b"", "empty file"), ("blank.jsonl", b"\n \n", "empty file"),
-    ("empty.jsonl.gz", gzip.compress(b""), "empty file"),
+    ("empty.jsonl.gz", gzip.compress(b"", mtime=0), "empty file"),
     ("image.png", PNG, "binary file (not UTF-8 text)"),
     ("image.jsonl", PNG, "binary file (not UTF-8 text)")])
 def test_empty_and_binary_files_are_counted_with_a_reason(tmp_path, name, data, reason):
