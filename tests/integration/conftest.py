@@ -107,7 +107,9 @@ def run_isolated(request, timeout: int = 1500) -> bool:
     env = dict(os.environ, TIDAL_ISOLATED=request.node.nodeid)
     for leaked in ("RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONBREAKPOINT"):  # set by ray.init here
         env.pop(leaked, None)
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+    for xdist in [k for k in env if k.startswith("PYTEST_XDIST_")]:  # one process, no session locks
+        env.pop(xdist)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
                         request.node.nodeid], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, (p.stdout[-8000:] + "\n" + p.stderr[-4000:])

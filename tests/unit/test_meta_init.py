@@ -1,6 +1,7 @@
 """Sharded initialisation (``model.meta_init``): a ~125M-parameter Llama (the llama_125m
 preset) built on the meta device, sharded over 2 gloo ranks and materialised shard by
-shard has exactly the weights of the whole-model path at world size 1, from a seeded
+shard has exactly the weights of the whole-model path (with the same seeded rule, which
+``meta_init`` selects) at world size 1, from a seeded
 initialisation and from a pretrained directory (each rank reading only its rows), and a
 worker's peak memory while building it at world size 2 is about half of world size 1's.
 The seeded rule itself is checked block by block in-process."""
@@ -46,8 +47,10 @@ def _worker(rank, world, port, out, meta, pretrained, export):
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the peak (VmHWM) starts again from here
+        if not meta:  # the whole-model path (as for a model the sharded build does not cover)
+            M.eligible = lambda *a, **k: False
         base = _rss("VmRSS")
-        engine = build_engine(cfg(meta, pretrained), VOCAB, 1, 0, rank, world, torch.device("cpu"))
+        engine = build_engine(cfg(True, pretrained), VOCAB, 1, 0, rank, world, torch.device("cpu"))
         peak = _rss("VmHWM") - base
         digests = {}
         for name, p in engine.model.named_parameters():
@@ -108,16 +111,20 @@ def test_seeded_rows_do_not_depend_on_who_asks():
 def test_meta_build_falls_back_where_loading_is_not_enough(tmp_path):
     from tidal.config.schema import LoRAConfig, ModelConfig
 
-    assert M.eligible(ModelConfig(), "lm", 4096)
-    assert not M.eligible(ModelConfig(meta_init=False), "lm", 4096)
-    assert not M.eligible(ModelConfig(), "reward", 4096)  # a new head
-    assert not M.eligible(ModelConfig(lora=LoRAConfig(rank=4)), "lm", 4096)
+    on = ModelConfig(meta_init=True)
+    assert M.eligible(on, "lm", 4096)
+    assert not M.eligible(ModelConfig(), "lm", 4096)  # opt-in
+    assert not M.eligible(on, "reward", 4096)  # a new head
+    assert not M.eligible(ModelConfig(meta_init=True, lora=LoRAConfig(rank=4)), "lm", 4096)
     from tidal.models.build import build_model
 
-    small = build_model(ModelConfig(), 64, 1, 0, seed=1)
+    small = build_model(on, 64, 1, 0, seed=1)
     small.save_pretrained(str(tmp_path / "m"))
-    assert M.eligible(ModelConfig(pretrained=str(tmp_path / "m")), "lm", 64)
-    assert not M.eligible(ModelConfig(pretrained=str(tmp_path / "m")), "lm", 80)  # resized vocabulary
+    assert M.eligible(ModelConfig(meta_init=True, pretrained=str(tmp_path / "m")), "lm", 64)
+    assert not M.eligible(ModelConfig(meta_init=True, pretrained=str(tmp_path / "m")), "lm", 80)  # resized
+    # the whole-model path draws the seeded rule only when meta_init asks for it
+    plain = build_model(ModelConfig(), 64, 1, 0, seed=1)
+    assert not torch.equal(plain.model.embed_tokens.weight, small.model.embed_tokens.weight)
 
 
 def test_pretrained_rows_are_read_in_place_from_any_float_dtype(tmp_path):

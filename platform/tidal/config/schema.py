@@ -63,8 +63,10 @@ class ModelConfig:
     # blocks and its fused linear cross-entropy for the next-token loss (CUDA only)
     kernels: Literal["none", "liger"] = "none"
     # build on the meta device, shard, then materialise only this worker's shards (seeded
-    # init or the pretrained files' rows); false: every worker builds the whole model first
-    meta_init: bool = True
+    # init or the pretrained files' rows); false: every worker builds the whole model first.
+    # From scratch it draws other initial weights than the whole-model path (a seeded rule per
+    # row block instead of one RNG stream), so it is opt-in; the 1B and 8B presets set it
+    meta_init: bool = False
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     # pretraining a `pretrained` model on text from another tokenizer is refused unless set
     allow_tokenizer_mismatch: bool = False

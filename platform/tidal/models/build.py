@@ -80,7 +80,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | No
         conf = hf_config(cfg, vocab_size, eos_id, pad_id)
         model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32,
                                                  attn_implementation="sdpa")
-        seeded_init_(model, seed, cfg.init_std)  # the weights of the sharded path, whatever the world size
+        if cfg.meta_init:  # not sharded here (e.g. LoRA): the weights the sharded path draws
+            seeded_init_(model, seed, cfg.init_std)
     model.config.use_cache = False
     return model
 
