@@ -213,9 +213,9 @@ class RolloutSource:
         if critic is not None:
             if a.reward_norm and keep.any():
                 kept = rewards[keep]
-                std = float(kept.std(unbiased=False)) if len(kept) > 1 else 0.0
+                mean, std = float(kept.mean()), float(kept.std(unbiased=False)) if len(kept) > 1 else 0.0
                 for r in mine:
-                    r["score"] = (r["score"] - float(kept.mean())) / (std + a.std_eps)
+                    r["score"] = (r["score"] - mean) / (std + a.std_eps)
             adv = self._gae(mine, len(rows), payload["truncated"], beta if penalty else 0.0, out)
         else:
             if penalty:

@@ -102,12 +102,9 @@ class Dynamics:
         return out
 
     @contextlib.contextmanager
-    def timing_comm(self, on: bool):
-        """Time FSDP2's collectives while the step runs (only when ``on``)."""
+    def timing_comm(self):
+        """Time FSDP2's collectives while the step runs."""
         self.comm = {"gather": 0.0, "reduce": 0.0}
-        if not on:
-            yield
-            return
         import torch.distributed as dist
 
         kinds = {name: kind for kind, names in (("gather", GATHERS), ("reduce", REDUCES)) for name in names

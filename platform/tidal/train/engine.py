@@ -187,7 +187,7 @@ def train_step(engine: Engine, micro_batches: List[Batch],
     model.train()
     n = len(micro_batches)
     dyn = engine.dynamics if engine.dynamics is not None and engine.dynamics.due(engine.step + 1) else None
-    with dyn.timing_comm(True) if dyn is not None else contextlib.nullcontext():
+    with dyn.timing_comm() if dyn is not None else contextlib.nullcontext():
         total, keys = _accumulate(engine, micro_batches, loss_scale)
     total = C.all_sum(total, engine.world)
     weight = total[1].item()
