@@ -4,24 +4,19 @@ The test starts its own head with `ray start --head`, submits jobs/pretrain.py w
 overrides through the CLI, and stops the head at the end (`ray stop`, which stops every Ray
 runtime started on this machine: do not run it beside a cluster you care about).
 """
+import glob
 import json
 import os
-import socket
 import subprocess
+import time
 
 import pytest
 import yaml
 
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
 BIN = os.path.dirname(PYTHON)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray(*args, env, timeout=300, check=True):
@@ -41,13 +36,36 @@ def head():
                RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     _ray("get-auth-token", "--generate", env=env)
-    dash = _free_port()
-    _ray("start", "--head", f"--port={_free_port()}", f"--dashboard-port={dash}",
+    # every port the head and its agents listen on is a free one: the job agent's HTTP port is
+    # 52365 unless told otherwise, and a Ray runtime another test left shutting down may still
+    # hold it (the agent then never registers and every submission is refused)
+    ports = {flag: free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "metrics-export-port",
+                                            "runtime-env-agent-port", "ray-client-server-port")}
+    _ray("start", "--head", *(f"--{k}={v}" for k, v in ports.items()),
          "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats", env=env)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        yield env, f"http://127.0.0.1:{dash}"
+        _wait_for_job_agent(env, address, deadline_s=120)
+        yield env, address
     finally:
         _ray("stop", env=env, check=False)
+
+
+def _wait_for_job_agent(env, address: str, deadline_s: float):
+    """Submissions are refused until the head's job agent has registered; wait for it (a
+    trivial job, no upload), with a deadline and the agent's log in the error."""
+    end = time.monotonic() + deadline_s
+    while True:
+        p = _ray("job", "submit", "--address", address, "--", "true", env=env, check=False, timeout=120)
+        if p.returncode == 0:
+            return
+        if time.monotonic() > end:
+            logs = sorted(glob.glob("/tmp/ray/session_latest/logs/dashboard_agent*.log"))
+            tail = open(logs[-1]).read()[-3000:] if logs else "(no dashboard_agent log)"
+            raise AssertionError(f"the job agent did not register in {deadline_s:.0f} s:\n"
+                                 f"{p.stdout[-2000:]}\n{p.stderr[-2000:]}\n{tail}")
+        time.sleep(2)
 
 
 def test_working_dir_upload_excludes_outputs_and_venv(head):

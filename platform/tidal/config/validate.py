@@ -5,7 +5,7 @@ import glob
 import math
 import os
 import re
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from tidal.config.convert import ConfigError
 from tidal.config.schema import DataConfig, ExportConfig, PrepareConfig, PretrainConfig, worker_bounds
@@ -457,7 +457,24 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     (model, optim, schedule, scaling, logger, train, run), added to ``p``.
     ``shard_batches``: the stage reads fixed-length samples whose global batch is
     ``train.global_batch_tokens`` (not RL, whose batch is its rollout)."""
-    m, o, s, sc, t, r = cfg.model, cfg.optim, cfg.schedule, cfg.scaling, cfg.train, cfg.run
+    _check_model(cfg, p)
+    check_optim(cfg.optim, "optim", p, cfg.scaling.use_gpu)
+    if (why := kernels_unavailable(cfg.model.kernels, cfg.scaling.use_gpu)) is not None:
+        p.append(f"model.kernels: {why}")
+    check_schedule(cfg.schedule, "schedule", cfg.train.max_steps, p)
+    lo, hi = _check_scaling(cfg, p)
+    _check_guard(cfg.train.guard, p)
+    _check_faults(cfg, p)
+    _check_train(cfg.train, p)
+    if shard_batches:
+        _check_global_batch(cfg, lo, hi, p)
+    _check_run(cfg.run, p)
+    check_credentials(p, cfg)
+    return p
+
+
+def _check_model(cfg, p: List[str]) -> None:
+    m = cfg.model
     lo = m.lora
     _check(p, lo.rank >= 0, "model.lora.rank", ">= 0 (0: off)", lo.rank)
     if lo.rank:
@@ -481,11 +498,10 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     _check(p, m.max_position_embeddings >= cfg.data.seq_len, "model.max_position_embeddings",
            f">= data.seq_len ({cfg.data.seq_len})", m.max_position_embeddings)
 
-    check_optim(o, "optim", p, sc.use_gpu)
-    if (why := kernels_unavailable(m.kernels, sc.use_gpu)) is not None:
-        p.append(f"model.kernels: {why}")
-    check_schedule(s, "schedule", t.max_steps, p)
 
+def _check_scaling(cfg, p: List[str]) -> Tuple[int, int]:
+    """The scaling section's checks; returns the worker bounds (0, 0 when they are invalid)."""
+    sc = cfg.scaling
     try:
         lo, hi = worker_bounds(sc.workers)
     except ValueError:
@@ -501,7 +517,15 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     _check(p, sc.resize_check_s > 0, "scaling.resize_check_s", "> 0", sc.resize_check_s)
     _check(p, sc.preemption_check_every >= 0, "scaling.preemption_check_every", ">= 0 (0: off)",
            sc.preemption_check_every)
-    g = t.guard
+    _check(p, sc.cpus_per_worker >= 1, "scaling.cpus_per_worker", ">= 1", sc.cpus_per_worker)
+    _check(p, sc.max_failures >= -1, "scaling.max_failures", ">= -1 (-1: retry forever)", sc.max_failures)
+    _check(p, cfg.logger.progress_every >= 1, "logger.progress_every", ">= 1", cfg.logger.progress_every)
+    _check(p, sc.start_timeout_s >= 0, "scaling.start_timeout_s", ">= 0 (0: fail at once when the "
+           "workers cannot be placed now)", sc.start_timeout_s)
+    return lo, hi
+
+
+def _check_guard(g, p: List[str]) -> None:
     _check(p, g.loss_spike_factor == 0 or g.loss_spike_factor > 1, "train.guard.loss_spike_factor",
            "> 1 (0: off)", g.loss_spike_factor)
     _check(p, g.grad_spike_factor == 0 or g.grad_spike_factor > 1, "train.guard.grad_spike_factor",
@@ -510,8 +534,12 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     _check(p, 1 <= g.min_history <= g.window, "train.guard.min_history",
            f"in [1, train.guard.window={g.window}]", g.min_history)
     _check(p, g.max_rollbacks >= 0, "train.guard.max_rollbacks", ">= 0", g.max_rollbacks)
+
+
+def _check_faults(cfg, p: List[str]) -> None:
+    sc = cfg.scaling
     try:
-        faults = parse_faults(t.inject_faults)
+        faults = parse_faults(cfg.train.inject_faults)
     except ValueError as e:
         p.append(str(e))
     else:
@@ -524,12 +552,9 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
             p.append(f"train.inject_faults: {kills} worker kill(s) need as many retries, but "
                      f"scaling.max_failures={sc.max_failures}; raise scaling.max_failures to at "
                      f"least {kills} (or -1) so the drill can recover")
-    _check(p, sc.cpus_per_worker >= 1, "scaling.cpus_per_worker", ">= 1", sc.cpus_per_worker)
-    _check(p, sc.max_failures >= -1, "scaling.max_failures", ">= -1 (-1: retry forever)", sc.max_failures)
-    _check(p, cfg.logger.progress_every >= 1, "logger.progress_every", ">= 1", cfg.logger.progress_every)
-    _check(p, sc.start_timeout_s >= 0, "scaling.start_timeout_s", ">= 0 (0: fail at once when the "
-           "workers cannot be placed now)", sc.start_timeout_s)
 
+
+def _check_train(t, p: List[str]) -> None:
     _check(p, t.max_steps >= 1, "train.max_steps", ">= 1", t.max_steps)
     if t.stop_at_step is not None:
         _check(p, 1 <= t.stop_at_step <= t.max_steps, "train.stop_at_step",
@@ -542,7 +567,12 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
     _check(p, t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only at the end)",
            t.checkpoint_every)
     _check(p, t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
-    if shard_batches and t.global_batch_tokens >= 1 and cfg.data.seq_len >= 8:
+
+
+def _check_global_batch(cfg, lo: int, hi: int, p: List[str]) -> None:
+    """Fixed-length samples: the global batch must split evenly over every worker count."""
+    t, sc = cfg.train, cfg.scaling
+    if t.global_batch_tokens >= 1 and cfg.data.seq_len >= 8:
         if t.global_batch_tokens % cfg.data.seq_len:
             p.append(f"train.global_batch_tokens: {t.global_batch_tokens} must be a multiple of "
                      f"data.seq_len={cfg.data.seq_len}")
@@ -567,9 +597,6 @@ def validate_common(cfg, p: List[str], shard_batches: bool = True) -> List[str]:
                 p.append(f"train.global_batch_tokens: {samples} sequences per step cannot be split "
                          f"evenly over {', '.join(map(str, bad))} workers (scaling.workers={sc.workers}); "
                          f"allowed: a multiple of {step * cfg.data.seq_len} tokens")
-    _check_run(r, p)
-    check_credentials(p, cfg)
-    return p
 
 
 def _check_run(r, p: List[str]) -> None:

@@ -197,6 +197,34 @@ def _run(cfg: DataConfig, inputs, out_dir: str, log, stages: StageProgress) -> T
         stages.done("tokenize")
         counts, mix_summary = _mixture_plan(cfg, tokenized)
     scorer = SCORERS.get_or_raise(cfg.curriculum.score) if cfg.curriculum.score else None
+    n_docs, n_tokens = _pack(tokenized, counts, scorer, writers, tok.eos_token_id, report, stages)
+    train, val = writers["train"], writers["val"]
+    if not val.shards and len(val.pending_samples()) == 0 and len(train.pending_samples()) >= 2:
+        move = max(1, round(cfg.val_fraction * len(train.pending_samples())))
+        val.add_samples(train.take_pending(move))
+    stats = {"train": train.close(), "val": val.close()}
+    curriculum = None
+    if scorer is not None:  # one difficulty per training sample, in shard order
+        digest = tio.save_npy(tio.join(out_dir, "train_scores.npy"), np.asarray(train.scores, np.float32))
+        curriculum = {"score": cfg.curriculum.score, "epochs": cfg.curriculum.epochs,
+                      "file": "train_scores.npy", "sha256": digest}
+    if stats["train"]["samples"] == 0:
+        raise DataError(f"data '{cfg.name}': too little text for seq_len={cfg.seq_len}: "
+                         f"{stats['train']['samples']} train / {stats['val']['samples']} val samples")
+    if stats["val"]["samples"] == 0:  # recorded as shards.val == []: training skips evaluation
+        log(f"data '{cfg.name}': too little text for a validation split "
+            f"({stats['train']['samples']} train samples); training will run without evaluation")
+    manifest = _manifest(cfg, recorded, report, stats, n_docs, mix_summary, curriculum,
+                         {"path": _relative(tok_dir, out_dir), "sha256": tok_hash, "vocab_size": vocab,
+                          "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}, dtype)
+    report.update(tokens_out=stats["train"]["tokens"] + stats["val"]["tokens"],
+                  samples_out=stats["train"]["samples"] + stats["val"]["samples"])
+    return manifest, report
+
+
+def _pack(tokenized, counts, scorer, writers, eos: int, report: Dict, stages: StageProgress) -> Tuple[int, int]:
+    """Write the tokenized documents into the train/val shard writers; returns the number of
+    documents and tokens read."""
     # An upsampled mixture repeats documents in whole passes over the data (pass r writes
     # the documents used more than r times), never back to back in one context.
     passes = 1 if counts is None else max(1, int(counts.max()))
@@ -215,7 +243,7 @@ def _run(cfg: DataConfig, inputs, out_dir: str, log, stages: StageProgress) -> T
                 if counts is None or counts[j] > r:
                     doc = flat[offsets[k]:offsets[k + 1]]
                     score = scorer(doc, nbytes) if scorer is not None else 0.0
-                    writers["val" if val else "train"].add(doc, tok.eos_token_id, nbytes, score)
+                    writers["val" if val else "train"].add(doc, eos, nbytes, score)
                     written += 1
                     written_tokens += len(doc)
                 j += 1
@@ -225,29 +253,18 @@ def _run(cfg: DataConfig, inputs, out_dir: str, log, stages: StageProgress) -> T
         stages.done("tokenize")
         stages.set("tokenize", n_docs, n_tokens)
     stages.done("pack")
-    train, val = writers["train"], writers["val"]
-    if not val.shards and len(val.pending_samples()) == 0 and len(train.pending_samples()) >= 2:
-        move = max(1, round(cfg.val_fraction * len(train.pending_samples())))
-        val.add_samples(train.take_pending(move))
-    stats = {"train": train.close(), "val": val.close()}
-    curriculum = None
-    if scorer is not None:  # one difficulty per training sample, in shard order
-        digest = tio.save_npy(tio.join(out_dir, "train_scores.npy"), np.asarray(train.scores, np.float32))
-        curriculum = {"score": cfg.curriculum.score, "epochs": cfg.curriculum.epochs,
-                      "file": "train_scores.npy", "sha256": digest}
-    if stats["train"]["samples"] == 0:
-        raise DataError(f"data '{cfg.name}': too little text for seq_len={cfg.seq_len}: "
-                         f"{stats['train']['samples']} train / {stats['val']['samples']} val samples")
-    if stats["val"]["samples"] == 0:  # recorded as shards.val == []: training skips evaluation
-        log(f"data '{cfg.name}': too little text for a validation split "
-            f"({stats['train']['samples']} train samples); training will run without evaluation")
-    manifest = {
+    return n_docs, n_tokens
+
+
+def _manifest(cfg: DataConfig, recorded, report: Dict, stats: Dict, n_docs: int, mix_summary, curriculum,
+              tokenizer: Dict, dtype) -> Dict:
+    """The data set's manifest.json: what was read, kept and written, and from which config."""
+    return {
         "format_version": FORMAT_VERSION,
         "name": cfg.name,
         "data_key": data_key(cfg),
         "inputs": recorded,
-        "tokenizer": {"path": _relative(tok_dir, out_dir), "sha256": tok_hash, "vocab_size": vocab,
-                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+        "tokenizer": tokenizer,
         "seq_len": cfg.seq_len,
         "sample_width": cfg.seq_len + 1,
         "dtype": np.dtype(dtype).name,
@@ -264,9 +281,6 @@ def _run(cfg: DataConfig, inputs, out_dir: str, log, stages: StageProgress) -> T
         "config": redact(to_dict(cfg)),
         "code": _code_version(),
     }
-    report.update(tokens_out=stats["train"]["tokens"] + stats["val"]["tokens"],
-                  samples_out=stats["train"]["samples"] + stats["val"]["samples"])
-    return manifest, report
 
 
 def _mixture_plan(cfg: DataConfig, tokenized) -> Tuple[np.ndarray, Dict]:

@@ -168,10 +168,10 @@ def _emit_samples(ctx: WorkerContext, payload: Dict, iteration: int) -> None:
     ctx.emit({"event": "samples", "iteration": iteration, "samples": samples})
 
 
-def rl_loop_per_worker(config: Dict[str, Any]) -> None:
-    ctx = WorkerContext.open(config)
-    if ctx is None:
-        return
+def _build(ctx: WorkerContext, config: Dict[str, Any]):
+    """The policy engine (and PPO's value model beside it), the reference, and the rollout
+    source (rank 0 drives the engines); returns them with the critic's guard and the
+    tokenizer directory."""
     cfg, rank, world = ctx.cfg, ctx.rank, ctx.world
     from tidal import stages
     from tidal.rlhf.prompts import read_prompts
@@ -200,6 +200,15 @@ def rl_loop_per_worker(config: Dict[str, Any]) -> None:
     pad = tk["pad_token_id"] if tk["pad_token_id"] is not None else tk["eos_token_id"]
     source = RolloutSource(cfg, read_prompts(data_dir, "train"), read_prompts(data_dir, "val")[:64],
                            rank, world, ctx.device, pad, driver)
+    return engine, critic_guard, reference, source, tok_dir
+
+
+def rl_loop_per_worker(config: Dict[str, Any]) -> None:
+    ctx = WorkerContext.open(config)
+    if ctx is None:
+        return
+    cfg = ctx.cfg
+    engine, critic_guard, reference, source, tok_dir = _build(ctx, config)
     ctx.attach(engine, source, {"config_fingerprint": fingerprint(cfg), "data_manifest": config["manifest_hash"],
                                 "config": redact(to_dict(cfg))}, tok_dir, count=lambda: source.iteration,
                stage=source.kl)
@@ -245,6 +254,6 @@ def rl_loop_per_worker(config: Dict[str, Any]) -> None:
     if source.driver is not None and source.driver.pool is not None:
         source.driver.pool.shutdown()
     if t.export_hf and (config.get("export_dir") or config.get("adapter_dir")):
-        export_hf(engine.model, rank, tok_dir, config.get("export_dir"), config.get("adapter_dir"))
+        export_hf(engine.model, ctx.rank, tok_dir, config.get("export_dir"), config.get("adapter_dir"))
         ctx.emit({"event": "exported", "step": source.iteration, "path": config.get("export_dir"),
                   "adapter": config.get("adapter_dir")})

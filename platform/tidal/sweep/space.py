@@ -66,8 +66,6 @@ def _corners(sweep: SweepConfig) -> List[Dict[str, Any]]:
 
 def check(sweep: SweepConfig, base: Dict) -> List[str]:
     """Every problem with the sweep, before any trial starts (an empty list when none)."""
-    from tidal.optim import OPTIMIZERS, SCHEDULES
-
     p: List[str] = []
     from tidal import stages
 
@@ -88,6 +86,22 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
                  f"it reports {', '.join(metrics)}")
     if sweep.mode not in ("min", "max"):
         p.append(f"mode: '{sweep.mode}' is not one of min, max")
+    _check_settings(sweep, p)
+    _check_space(sweep, schema, p)
+    if p:
+        return p
+    # every corner of the space must make a valid config of the job
+    for corner in _corners(sweep):
+        try:
+            validate(from_dict(schema, trial_dict(base, sweep, corner)))
+        except ConfigError as e:
+            (key, value), = corner.items()
+            p += [f"search.space ({key}={value!r}): {msg}" for msg in e.problems]
+    return p
+
+
+def _check_settings(sweep: SweepConfig, p: List[str]) -> None:
+    """The search, scheduler and driver settings."""
     s, sc = sweep.search, sweep.scheduler
     if s.algorithm not in ALGORITHMS:
         p.append(f"search.algorithm: '{s.algorithm}' is not one of {', '.join(ALGORITHMS)}")
@@ -114,6 +128,13 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
     if not s.space:
         p.append("search.space: empty; name at least one key to sweep, e.g. "
                  "{key: optim.lr, type: loguniform, low: 1e-4, high: 1e-2} (presets: sweep=lr_schedule)")
+
+
+def _check_space(sweep: SweepConfig, schema, p: List[str]) -> None:
+    """Each searched key: a key of the job's config, a known type, a sound range or values."""
+    from tidal.optim import OPTIMIZERS, SCHEDULES
+
+    s = sweep.search
     seen = set()
     for i, prm in enumerate(s.space):
         where = f"search.space[{i}]"
@@ -149,16 +170,6 @@ def check(sweep: SweepConfig, base: Dict) -> List[str]:
             if v not in registry:
                 p.append(f"{where}.values: '{v}' is not a registered {registry.kind}; "
                          f"allowed: {', '.join(sorted(registry))}")
-    if p:
-        return p
-    # every corner of the space must make a valid config of the job
-    for corner in _corners(sweep):
-        try:
-            validate(from_dict(schema, trial_dict(base, sweep, corner)))
-        except ConfigError as e:
-            (key, value), = corner.items()
-            p += [f"search.space ({key}={value!r}): {msg}" for msg in e.problems]
-    return p
 
 
 def _domain(p):
