@@ -1,12 +1,12 @@
 """`ray job submit` against a real local head (token auth, as Ray 2.60 enables by default).
 
 The test starts its own head with `ray start --head`, submits jobs/pretrain.py with Hydra
-overrides through the CLI, and stops the head at the end (`ray stop`, which stops every Ray
-runtime started on this machine: do not run it beside a cluster you care about).
+overrides through the CLI, and stops that head (only it) at the end.
 """
 import glob
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -37,26 +37,38 @@ def head():
     env.pop("RAY_ADDRESS", None)
     _ray("get-auth-token", "--generate", env=env)
     # every port the head and its agents listen on is a free one: the job agent's HTTP port is
-    # 52365 unless told otherwise, and a Ray runtime another test left shutting down may still
-    # hold it (the agent then never registers and every submission is refused)
+    # 52365 unless told otherwise, and another test process's Ray runtime may hold it (the
+    # agent then never registers and every submission is refused)
     ports = {flag: free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
                                             "dashboard-agent-grpc-port", "metrics-export-port",
                                             "runtime-env-agent-port", "ray-client-server-port")}
-    _ray("start", "--head", *(f"--{k}={v}" for k, v in ports.items()),
-         "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats", env=env)
+    # --block: the head lives as long as this process and stops with it (SIGTERM), so only
+    # this head goes at the end; `ray stop` would take every Ray runtime on the machine,
+    # another test process's included
+    proc = subprocess.Popen([os.path.join(BIN, "ray"), "start", "--head", "--block",
+                             *(f"--{k}={v}" for k, v in ports.items()), "--num-cpus=4",
+                             "--include-dashboard=true", "--disable-usage-stats"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        _wait_for_job_agent(env, address, deadline_s=120)
+        _wait_for_job_agent(env, address, proc, deadline_s=180)
         yield env, address
     finally:
-        _ray("stop", env=env, check=False)
+        proc.terminate()
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
 
 
-def _wait_for_job_agent(env, address: str, deadline_s: float):
-    """Submissions are refused until the head's job agent has registered; wait for it (a
-    trivial job, no upload), with a deadline and the agent's log in the error."""
+def _wait_for_job_agent(env, address: str, proc, deadline_s: float):
+    """Submissions are refused until the head is up and its job agent has registered; wait
+    for it (a trivial job, no upload), with a deadline and the agent's log in the error."""
     end = time.monotonic() + deadline_s
     while True:
+        assert proc.poll() is None, f"`ray start --head --block` exited with {proc.returncode}"
         p = _ray("job", "submit", "--address", address, "--", "true", env=env, check=False, timeout=120)
         if p.returncode == 0:
             return

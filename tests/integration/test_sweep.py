@@ -214,9 +214,12 @@ def test_a_killed_sweep_driver_resumes_and_failed_trials_are_retried_or_marked_f
 
 
 def test_optuna_proposes_trials_inside_the_space(ray_local, out):
+    """Optuna's proposals stay inside the space, the optimizer among them: each trial ran
+    the optimizer it drew (its run card states that optimizer's state size)."""
     space = [{"key": "optim.lr", "type": "loguniform", "low": 1e-3, "high": 5e-3},
              {"key": "schedule.name", "type": "choice", "values": ["cosine", "wsd"]},
-             {"key": "schedule.decay_fraction", "type": "uniform", "low": 0.1, "high": 0.5}]
+             {"key": "schedule.decay_fraction", "type": "uniform", "low": 0.1, "high": 0.5},
+             {"key": "optim.name", "type": "choice", "values": ["adamw", "lion"]}]
     sweep = from_dict(SweepConfig, {"name": "optuna", "output_dir": str(out), "concurrency": 2,
                                     "search": {"algorithm": "optuna", "num_samples": 3, "seed": 1,
                                                "space": space},
@@ -224,6 +227,11 @@ def test_optuna_proposes_trials_inside_the_space(ray_local, out):
     s = run_sweep(sweep, base(out, max_steps=10))
     trials = json.load(open(s["results_json"]))["trials"]
     assert s["completed"] == 3 and len({t["optim.lr"] for t in trials}) == 3
+    state_bytes = {"adamw": "state 8 bytes", "lion": "state 4 bytes"}
     for t in trials:
         assert 1e-3 <= t["optim.lr"] <= 5e-3 and t["schedule.name"] in ("cosine", "wsd")
         assert 0.1 <= t["schedule.decay_fraction"] <= 0.5 and t["steps"] == 10
+        run_dir = os.path.join(str(out), "optuna", "trials", f"optuna-{t['trial']}")
+        card = open(os.path.join(run_dir, "run_card.md")).read()
+        assert state_bytes[t["optim.name"]] in card, (t["optim.name"], card)
+    assert {t["optim.name"] for t in trials} == {"adamw", "lion"}  # seed 1 draws both
