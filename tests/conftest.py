@@ -66,6 +66,23 @@ def pytest_runtest_protocol(item, nextitem):
         yield  # setup (module fixtures included), call and teardown, under the lock
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Module order for two test processes: modules with an `exclusive` test first (they run
+    partly alone; early, they never wait for the other process's longest test to end), then
+    `long` ones (started early, so that they do not finish last), then the other slow ones,
+    then the rest (seconds each: they fill the gaps at the end). Stable within each group;
+    every test process sorts the same way, as pytest-xdist requires."""
+    def rank(mod) -> int:
+        marks = {m.name for it in by_module[mod] for m in it.iter_markers()}
+        return 0 if "exclusive" in marks else 1 if "long" in marks else 2 if "slow" in marks else 3
+
+    by_module = {}
+    for it in items:
+        by_module.setdefault(it.nodeid.split("::")[0], []).append(it)
+    order = sorted(by_module, key=rank)
+    items[:] = [it for mod in order for it in by_module[mod]]
+
+
 def shared_once(name: str):
     """A lock and a directory every test process of this session shares (``None`` with one
     process), for work that one process does and the others reuse."""

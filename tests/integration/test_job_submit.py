@@ -6,8 +6,10 @@ overrides through the CLI, and stops that head (only it) at the end.
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -45,14 +47,17 @@ def head():
     # --block: the head lives as long as this process and stops with it (SIGTERM), so only
     # this head goes at the end; `ray stop` would take every Ray runtime on the machine,
     # another test process's included
-    proc = subprocess.Popen([os.path.join(BIN, "ray"), "start", "--head", "--block",
+    # its own temp dir: `ray start` records the head's address in <temp dir>/ray_current_cluster,
+    # and a plain ray.init() anywhere on the machine joins the cluster recorded in /tmp/ray
+    temp = tempfile.mkdtemp(prefix="tidal-head-", dir="/tmp")  # short: Ray's socket paths live in it
+    proc = subprocess.Popen([os.path.join(BIN, "ray"), "start", "--head", "--block", f"--temp-dir={temp}",
                              *(f"--{k}={v}" for k, v in ports.items()), "--num-cpus=4",
                              "--include-dashboard=true", "--disable-usage-stats"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        _wait_for_job_agent(env, address, proc, deadline_s=180)
+        _wait_for_job_agent(env, address, proc, temp, deadline_s=180)
         yield env, address
     finally:
         proc.terminate()
@@ -61,9 +66,10 @@ def head():
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_job_agent(env, address: str, proc, deadline_s: float):
+def _wait_for_job_agent(env, address: str, proc, temp: str, deadline_s: float):
     """Submissions are refused until the head is up and its job agent has registered; wait
     for it (a trivial job, no upload), with a deadline and the agent's log in the error."""
     end = time.monotonic() + deadline_s
@@ -73,7 +79,7 @@ def _wait_for_job_agent(env, address: str, proc, deadline_s: float):
         if p.returncode == 0:
             return
         if time.monotonic() > end:
-            logs = sorted(glob.glob("/tmp/ray/session_latest/logs/dashboard_agent*.log"))
+            logs = sorted(glob.glob(os.path.join(temp, "session_latest", "logs", "dashboard_agent*.log")))
             tail = open(logs[-1]).read()[-3000:] if logs else "(no dashboard_agent log)"
             raise AssertionError(f"the job agent did not register in {deadline_s:.0f} s:\n"
                                  f"{p.stdout[-2000:]}\n{p.stderr[-2000:]}\n{tail}")

@@ -31,6 +31,23 @@ def baseline(ray_local, out):
     return {r["step"]: r for r in records(summary["run_dir"])}
 
 
+def test_resume_reproduces_uninterrupted_losses(baseline, out):
+    # Same run name: stop after 4 steps, then relaunch and resume automatically.
+    run_stage("pretrain", small_cfg(out, run={"name": "split"}, train={**DET, "stop_at_step": 4}))
+    split = run_stage("pretrain", small_cfg(out, run={"name": "split"}, train=DET))
+    # A new run started from an explicit checkpoint path.
+    ckpt = os.path.join(str(out), "split", "checkpoint_0000004")
+    assert os.path.isdir(ckpt)
+    explicit = run_stage("pretrain", small_cfg(out, run={"name": "from-path", "resume_from": ckpt}, train=DET))
+    resumed = records(split["run_dir"])
+    assert [r["step"] for r in resumed] == list(range(1, 13))  # none lost, none repeated
+    assert [r["step"] for r in records(explicit["run_dir"])] == list(range(5, 13))
+    for r in resumed + records(explicit["run_dir"]):
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert r.get(key) == baseline[r["step"]].get(key), (r["step"], key)
+    assert split["final_val_loss"] == baseline[12]["val_loss"]
+
+
 def test_sigkilled_workers_recover_bit_exactly(baseline, out):
     # rank 1 dies after step 6 (restart from checkpoint 4); rank 0 dies in the middle of the
     # save at step 8, after its shard was uploaded but before the commit (restart from 4
