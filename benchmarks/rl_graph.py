@@ -1,5 +1,5 @@
 """The RL graph under failures, and synchronous against asynchronous rollouts, side by side
-in one process on a local Ray runtime (the learnability task of tests/integration/test_rlhf.py:
+in one process on a local Ray runtime (the toy task of tidal.rlhf.toy, as in tests/integration/test_rlhf.py:
 a tiny random Llama with a character tokenizer answers digit prompts; GRPO, deterministic).
 
 1. Time lost per failure: the same run without and with ``train.inject_faults``:
@@ -61,7 +61,7 @@ def main() -> None:
     sys.path.insert(0, ROOT)
     import ray
 
-    from tests.integration.test_rlhf import char_model, digit_prompts
+    from tidal.rlhf.toy import char_model, digit_prompts
     from tidal.train.launch import run_stage
 
     work = tempfile.mkdtemp(prefix="tidal-bench-rl-")

@@ -111,7 +111,7 @@ def main() -> None:
     if args.trl_child:
         return trl_child(args)
     sys.path.insert(0, ROOT)
-    from tests.integration.test_rlhf import char_model, digit_prompts
+    from tidal.rlhf.toy import char_model, digit_prompts
 
     with tempfile.TemporaryDirectory() as work:
         model_dir = char_model(os.path.join(work, "policy"))

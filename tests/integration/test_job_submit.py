@@ -120,7 +120,7 @@ def test_submit_pretrain_with_overrides(head, tmp_path):
 def test_submit_rlhf_with_overrides(head, tmp_path):
     """The RL graph through `ray job submit`: vLLM engine actors, learners, overrides."""
     pytest.importorskip("vllm")
-    from tests.integration.test_rlhf import char_model, digit_prompts
+    from tidal.rlhf.toy import char_model, digit_prompts
 
     env, address = head
     out = str(tmp_path / "outputs")
