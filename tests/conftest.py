@@ -71,7 +71,9 @@ def pytest_collection_modifyitems(session, config, items):
     partly alone; early, they never wait for the other process's longest test to end), then
     `long` ones (started early, so that they do not finish last), then the other slow ones,
     then the rest (seconds each: they fill the gaps at the end). Stable within each group;
-    every test process sorts the same way, as pytest-xdist requires."""
+    every test process sorts the same way, as pytest-xdist requires, and
+    `--no-loadscope-reorder` (pyproject's addopts) keeps xdist from re-sorting the modules by
+    their number of tests."""
     def rank(mod) -> int:
         marks = {m.name for it in by_module[mod] for m in it.iter_markers()}
         return 0 if "exclusive" in marks else 1 if "long" in marks else 2 if "slow" in marks else 3
