@@ -23,9 +23,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # Most tests leave a core idle for much of their time (process and Ray start-up, waits), so
 # two run side by side, one module per process (`--dist loadfile`: module fixtures are built
 # once). Tests marked `exclusive` (wall-clock assertions, fake autoscaling clusters with
-# deadlines, `ray stop`, which stops every Ray runtime on the machine) run alone: they take
-# the session's lock exclusively, every other test takes it shared, and a turnstile in front
-# of it keeps a waiting exclusive test from being overtaken by the other process's next tests.
+# deadlines) run alone: they take the session's lock exclusively, every other test takes it
+# shared, and a turnstile in front of it keeps a waiting exclusive test from being overtaken
+# by the other process's next tests.
 
 import contextlib  # noqa: E402
 import fcntl  # noqa: E402
@@ -67,16 +67,20 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Module order for two test processes: modules with an `exclusive` test first (they run
-    partly alone; early, they never wait for the other process's longest test to end), then
-    `long` ones (started early, so that they do not finish last), then the other slow ones,
-    then the rest (seconds each: they fill the gaps at the end). Stable within each group;
-    every test process sorts the same way, as pytest-xdist requires, and
-    `--no-loadscope-reorder` (pyproject's addopts) keeps xdist from re-sorting the modules by
-    their number of tests."""
+    """Module order for two test processes: the `long` module first (it starts at once and
+    overlaps everything else), then the other slow modules, then the rest (seconds each:
+    they fill the gaps), and last the modules whose every test is `exclusive`: those run
+    alone anyway, and at the end they wait only for the other process's current short test,
+    never for a long one. Stable within each group; every test process sorts the same way,
+    as pytest-xdist requires, and `--no-loadscope-reorder` (pyproject's addopts) keeps xdist
+    from re-sorting the modules by their number of tests."""
     def rank(mod) -> int:
-        marks = {m.name for it in by_module[mod] for m in it.iter_markers()}
-        return 0 if "exclusive" in marks else 1 if "long" in marks else 2 if "slow" in marks else 3
+        tests = by_module[mod]
+        if any(it.get_closest_marker("long") for it in tests):
+            return 0
+        if all(it.get_closest_marker("exclusive") for it in tests):
+            return 3
+        return 1 if any(it.get_closest_marker("slow") for it in tests) else 2
 
     by_module = {}
     for it in items:

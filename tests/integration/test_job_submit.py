@@ -17,7 +17,9 @@ import yaml
 
 from tests.conftest import PYTHON, ROOT, free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
+# not `exclusive`: the head has its own ports and temp dir and stops alone, so it runs beside
+# the other test process's Ray runtimes
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = os.path.dirname(PYTHON)
 
 
