@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from tidal.config import DPOConfig, PretrainConfig, RewardConfig, RLHFConfig, SFTConfig
-from tidal.config.validate import validate_dpo, validate_pretrain, validate_reward, validate_rlhf, validate_sft
+from tidal.config.validate import validate_dpo, validate_pretrain, validate_reward, validate_sft
+from tidal.config.validate_rl import validate_rlhf
 from tidal.registry import Registry
 
 

@@ -47,10 +47,9 @@ def head():
                                             "dashboard-agent-grpc-port", "metrics-export-port",
                                             "runtime-env-agent-port", "ray-client-server-port")}
     # --block: the head lives as long as this process and stops with it (SIGTERM), so only
-    # this head goes at the end; `ray stop` would take every Ray runtime on the machine,
-    # another test process's included
-    # its own temp dir: `ray start` records the head's address in <temp dir>/ray_current_cluster,
-    # and a plain ray.init() anywhere on the machine joins the cluster recorded in /tmp/ray
+    # this head goes at the end (`ray stop` would take every Ray runtime on the machine).
+    # Its own temp dir: `ray start` records the head's address in <temp dir>/ray_current_cluster,
+    # and a plain ray.init() anywhere on the machine joins the cluster recorded in /tmp/ray.
     temp = tempfile.mkdtemp(prefix="tidal-head-", dir="/tmp")  # short: Ray's socket paths live in it
     proc = subprocess.Popen([os.path.join(BIN, "ray"), "start", "--head", "--block", f"--temp-dir={temp}",
                              *(f"--{k}={v}" for k, v in ports.items()), "--num-cpus=4",

@@ -32,8 +32,9 @@ from tidal.config.schema import (
     TrainConfig,
     TrialSchedulerConfig,
 )
-from tidal.config.validate import (validate_dpo, validate_rlhf, validate_eval, validate_export, validate_prepare, validate_pretrain,
+from tidal.config.validate import (validate_dpo, validate_eval, validate_export, validate_prepare, validate_pretrain,
                                    validate_reward, validate_sft)
+from tidal.config.validate_rl import validate_rlhf
 
 __all__ = [
     "ConfigError", "allowed_keys", "fingerprint", "from_dict", "to_dict",
