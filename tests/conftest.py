@@ -14,6 +14,37 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+def gloo_rank(rank: int, world: int, port: int):
+    """A gloo process group for one rank that ``torch.multiprocessing`` spawned.
+
+    Used as a context manager around the rank's work. When the work raises, the group is
+    destroyed and the error propagates (the spawn reports it). When it succeeds, every rank
+    meets at a barrier (none tears down while another is still in a collective), the group
+    is destroyed, and the process ends with ``os._exit(0)``: gloo's C++ threads can abort
+    the interpreter's own finalisation (SIGABRT, "terminate called without an active
+    exception") after the results were already written."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    @contextlib.contextmanager
+    def group():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            yield
+        except BaseException:
+            dist.destroy_process_group()
+            raise
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    return group()
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

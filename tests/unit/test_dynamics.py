@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, gloo_rank
 
 from tidal.config import PretrainConfig, from_dict
 from tidal.train.dynamics import layer_groups
@@ -75,16 +75,12 @@ def _worker(rank, world, port, out):
 
     from tidal.train.engine import build_engine
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         engine = build_engine(tiny(), VOCAB, 1, 0, rank, world, torch.device("cpu"))
         m = step(engine, rank, world)
         with open(os.path.join(out, f"{rank}.json"), "w") as f:
             json.dump(m, f)
         assert dist.all_gather_into_tensor is not None  # the originals are back after the step
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_time_gathers_and_reductions(tmp_path):

@@ -3,13 +3,13 @@ the micro-batch grouping: real FSDP2 engines over gloo at world sizes 1, 2 and 4
 micro-batches of 1, 2, 3 and 8 samples, give the same loss, gradients and statistics as
 one direct autograd pass over the whole batch (SFT with replies of different lengths, DPO
 with a live and with a precomputed reference)."""
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.conftest import free_port, gloo_rank
 
 from tidal.config import PretrainConfig, from_dict
 from tidal.models import build_model
@@ -74,14 +74,10 @@ def batch(kind, mode, rows, idx):
 
 
 def _worker(rank, world, port, out):
-    import torch.distributed as dist
-
     from tidal.train.engine import build_engine, train_step
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
-    try:
+    with gloo_rank(rank, world, port):
         for kind, mode in CASES:
             data = samples(kind)
             for micro in MICROS[world]:
@@ -107,8 +103,6 @@ def _worker(rank, world, port, out):
                 results[f"{kind}-{mode}-{micro}"] = seen
         if rank == 0:
             torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def direct(kind, mode):
@@ -121,18 +115,12 @@ def direct(kind, mode):
     return model, float(loss_sum.detach() / weight), {k: float(s) / float(c) for k, (s, c) in stats.items()}
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def engine_results(tmp_path_factory):
     out = {}
     for world in (1, 2, 4):
         path = str(tmp_path_factory.mktemp("grads") / f"world{world}.pt")
-        mp.start_processes(_worker, args=(world, _port(), path), nprocs=world, start_method="spawn")
+        mp.start_processes(_worker, args=(world, free_port(), path), nprocs=world, start_method="spawn")
         for key, value in torch.load(path, weights_only=True).items():
             out[(world, key)] = value
     return out

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, gloo_rank
 
 from tidal.config import PretrainConfig, from_dict
 from tidal.models import materialize as M
@@ -36,13 +36,9 @@ def _rss(field: str) -> int:
 def _worker(rank, world, port, out, meta, pretrained, export):
     import gc
 
-    import torch.distributed as dist
-
     from tidal.train.engine import build_engine
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         M.build_meta(cfg(True, num_layers=1).model, 64, 1, 0)  # imports (transformers' model code) first
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:
@@ -62,8 +58,6 @@ def _worker(rank, world, port, out, meta, pretrained, export):
             json.dump({"peak": peak, "digests": digests,
                        "local": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                                     for p in engine.model.parameters())}, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def build(tmp, tag, world, meta, pretrained=None, export=None):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, gloo_rank
 
 from tidal.config import ConfigError, PretrainConfig, from_dict, to_dict, validate_pretrain
 from tidal.config.validate import check_optim
@@ -95,18 +95,14 @@ def same_grad_steps(model, optimizer, steps=3):
 
 
 def _worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
     from tidal.models import build_model
     from tidal.parallel import apply as apply_fsdp
     from tidal.parallel import make_mesh
     from tidal.train import checkpoint as ckpt
     from tidal.train.engine import build_engine
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
-    try:
+    with gloo_rank(rank, world, port):
         for name in OPTIMS:
             cfg = tiny(name)
             e = build_engine(cfg, VOCAB, 1, 0, rank, world, torch.device("cpu"))
@@ -134,8 +130,6 @@ def _worker(rank, world, port, out_dir):
             results[name]["same_grads"] = same_grad_steps(model, build_optimizer(model, cfg.optim, "cpu"))
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
