@@ -159,6 +159,19 @@ def test_ppo_learns_and_survives_a_killed_engine_and_learner_identically(tmp_pat
     assert all(r["kl_seq"] < 6.0 for r in recs.values()) and recs[30]["kl_seq"] > 1.0
     state = json.load(open(os.path.join(summary["checkpoint"], "trainer_state.json")))["states"]
     assert state["stage"]["kl_coef"] < coefs[-1] and state["value_engine"]["step"] == 30
+    # the value model is exported beside the policy (an HF sequence classifier, which
+    # critic.init takes back), with the weights the final checkpoint holds
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tidal.train import safe_dcp
+
+    assert summary["value_export"] == os.path.join(cfg.run.output_dir, "rl", "value")
+    value = AutoModelForSequenceClassification.from_pretrained(summary["value_export"]).state_dict()
+    held = {"value": {"model": {k: torch.zeros_like(v) for k, v in value.items()}}}
+    safe_dcp.load(held, summary["checkpoint"])
+    assert "score.weight" in value and all(torch.equal(v, held["value"]["model"][k]) for k, v in value.items())
+    assert "value model from | auto: " in open(os.path.join(summary["run_dir"], "run_card.md")).read()
 
     drill = rl_cfg(tmp_path, algorithm=PPO, scaling={"max_failures": 2},
                    train={**det, "max_steps": 14, "stop_at_step": 14, "checkpoint_every": 5,

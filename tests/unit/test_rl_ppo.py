@@ -267,3 +267,43 @@ def test_a_checkpoint_carries_the_companion_engine(tmp_path):
     p3.companions["value"] = engine(7)
     with pytest.raises(ValueError, match="holds no value model"):
         ckpt.load(p3, str(tmp_path / "plain"))
+
+
+# ---------------------------------------------------------------------------- critic.init
+
+def test_critic_init_takes_a_value_model_directory_and_refuses_what_is_not_one(tmp_path):
+    """A PPO run goes on from an earlier run's value export (``critic.init=<dir>``); a path
+    that is no directory, a causal LM, or a classifier over another vocabulary is refused
+    before any work, naming the key and what is allowed."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tidal.config import ConfigError, to_dict, validate_rlhf
+    from tidal.rlhf.learner import critic_init
+    from tidal.rlhf.toy import char_model, digit_prompts
+
+    policy = char_model(str(tmp_path / "policy"))
+    value = str(tmp_path / "value")
+    AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1).save_pretrained(value)
+    classifier(tmp_path / "other").save_pretrained(str(tmp_path / "other_vocab"))  # 30 tokens, not 16
+    base = to_dict(RLHFConfig())
+    base.update(model={**base["model"], "pretrained": policy},
+                data={**base["data"], "name": "digits", "sources": [digit_prompts(str(tmp_path / "p.jsonl"))],
+                      "seq_len": 16},
+                rollout={**base["rollout"], "max_tokens": 4},
+                reward={**base["reward"], "model": None, "rules": ["prefix_match"]},
+                algorithm={**base["algorithm"], "name": "ppo", "estimator": "gae"})
+
+    def cfg(init):
+        return validate_rlhf(from_dict(RLHFConfig, {**base, "critic": {**base["critic"], "init": init}}))
+
+    assert critic_init(cfg(value)) == value
+    assert critic_init(cfg("auto")) == critic_init(cfg("policy")) == policy  # no reward model
+    for init, said in ((str(tmp_path / "nowhere"), "neither a keyword nor a directory that exists; allowed: "
+                        "auto, reward, policy, or a value-model directory"),
+                       ("polcy", "neither a keyword"),
+                       (policy, "is not a value model (an HF sequence classifier with one output"),
+                       (str(tmp_path / "other_vocab"), "has a vocabulary of 30 tokens, the policy "
+                        "(model.pretrained) 16")):
+        with pytest.raises(ConfigError, match="critic.init: ") as e:
+            cfg(init)
+        assert said in str(e.value), (init, str(e.value))

@@ -531,9 +531,10 @@ class CriticConfig:
     """PPO's value model: the same network with a scalar head on every token, trained in
     the learner workers beside the policy with its own optimizer and schedule. ``init``:
     ``reward`` starts from the reward model's weights (``reward.model``), ``policy`` from the
-    policy's (a new head), ``auto`` the reward model when there is one."""
+    policy's (a new head), ``auto`` the reward model when there is one; a directory: a value
+    model exported by an earlier PPO run (its ``value/``), to go on where that run stopped."""
 
-    init: Literal["auto", "reward", "policy"] = "auto"
+    init: str = "auto"  # auto, reward, policy, or a value-model directory
     # the first iterations train only the value model (the policy waits, as OpenRLHF's
     # freezing_actor_steps): advantages from a value model that has not fit yet are noise
     warmup_iterations: int = 0

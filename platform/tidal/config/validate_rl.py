@@ -118,10 +118,43 @@ def _check_kl_and_critic(cfg, p: List[str]) -> None:
     if c.init == "reward" and cfg.reward.model is None:
         p.append("critic.init: 'reward' needs a reward model (reward.model is null); allowed: policy, "
                  "auto, or set reward.model")
+    elif c.init not in CRITIC_INITS:
+        p.extend(_value_model_problems(c.init, _model_conf(cfg)))
     _check(p, 0 <= c.warmup_iterations < cfg.train.max_steps, "critic.warmup_iterations",
            f">= 0 and < train.max_steps ({cfg.train.max_steps}): the policy must train", c.warmup_iterations)
     check_optim(c.optim, "critic.optim", p, cfg.scaling.use_gpu)
     check_schedule(c.schedule, "critic.schedule", cfg.train.max_steps, p)
+
+
+CRITIC_INITS = ("auto", "reward", "policy")
+
+
+def _value_model_problems(path: str, policy_conf) -> List[str]:
+    """``critic.init`` given as a directory: a complete value-model export (an HF sequence
+    classifier with one output, as a PPO run's ``value/``) over the policy's vocabulary."""
+    key, allowed = "critic.init", f"allowed: {', '.join(CRITIC_INITS)}, or a value-model directory"
+    local = os.path.expanduser(path)
+    if not os.path.isdir(local):
+        return [f"{key}: '{path}' is neither a keyword nor a directory that exists; {allowed}"]
+    from tidal.train.publish import check_readable
+
+    bad = check_readable(local)
+    if bad:
+        return [f"{key}: '{path}' is not a complete export: {'; '.join(bad[:3])}"]
+    try:
+        from transformers import AutoConfig
+
+        conf = AutoConfig.from_pretrained(local, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, named for the user
+        return [f"{key}: '{path}' holds no loadable model config (config.json): {str(e).splitlines()[0]}"]
+    archs = getattr(conf, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or getattr(conf, "num_labels", 0) != 1:
+        return [f"{key}: '{path}' is not a value model (an HF sequence classifier with one output, as a "
+                f"PPO run's value/ export or a reward model); it is {', '.join(archs) or 'of no architecture'}"]
+    if policy_conf is not None and conf.vocab_size != policy_conf.vocab_size:
+        return [f"{key}: '{path}' has a vocabulary of {conf.vocab_size} tokens, the policy (model.pretrained) "
+                f"{policy_conf.vocab_size}: the value model reads the policy's tokens"]
+    return []
 
 
 def _check_rollout_split(cfg, p: List[str]) -> None:

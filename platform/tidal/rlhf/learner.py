@@ -37,8 +37,11 @@ def engine_spec(cfg) -> EngineSpec:
 
 def critic_init(cfg) -> str:
     """The directory PPO's value model starts from: the reward model's (``critic.init``
-    reward, or auto with a reward model) or the policy's."""
+    reward, or auto with a reward model), the policy's, or the directory ``critic.init``
+    names (an earlier run's value export)."""
     c = cfg.critic.init
+    if c not in ("auto", "reward", "policy"):
+        return c
     path = cfg.reward.model if c in ("reward", "auto") and cfg.reward.model else cfg.model.pretrained
     if not path:
         raise ValueError("critic.init: the value model starts from a pretrained directory (the reward "
@@ -257,3 +260,7 @@ def rl_loop_per_worker(config: Dict[str, Any]) -> None:
         export_hf(engine.model, ctx.rank, tok_dir, config.get("export_dir"), config.get("adapter_dir"))
         ctx.emit({"event": "exported", "step": source.iteration, "path": config.get("export_dir"),
                   "adapter": config.get("adapter_dir")})
+    critic = engine.companions.get("value")
+    if t.export_hf and critic is not None and config.get("value_dir"):  # PPO: critic.init=<this> takes it back
+        export_hf(critic.model, ctx.rank, tok_dir, config["value_dir"])
+        ctx.emit({"event": "exported", "step": source.iteration, "path": config["value_dir"], "part": "value"})

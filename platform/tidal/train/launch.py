@@ -112,8 +112,13 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
 
     run = replace(cfg.run, output_dir=fix(cfg.run.output_dir), storage_path=fix(cfg.run.storage_path),
                   resume_from=fix(cfg.run.resume_from))
-    return replace(cfg, run=run, data=replace(cfg.data, output_dir=fix(cfg.data.output_dir)),
-                   model=replace(cfg.model, pretrained=fix(cfg.model.pretrained)))
+    out = replace(cfg, run=run, data=replace(cfg.data, output_dir=fix(cfg.data.output_dir)),
+                  model=replace(cfg.model, pretrained=fix(cfg.model.pretrained)))
+    if hasattr(cfg, "critic"):  # RL: the reward model's and the value model's directories
+        reward, init = cfg.reward.model, cfg.critic.init
+        out = replace(out, reward=replace(cfg.reward, model=reward if reward in (None, "auto") else fix(reward)),
+                      critic=replace(cfg.critic, init=init if init in ("auto", "reward", "policy") else fix(init)))
+    return out
 
 
 def _use_gpu(cfg: PretrainConfig) -> bool:
@@ -215,7 +220,17 @@ def _rl_facts(cfg, manifest: Dict) -> Dict:
                          f"KL {cfg.algorithm.kl_coef:g} {cfg.algorithm.kl_estimator})",
             "rollout": f"{cfg.rollout.engines} vLLM engine(s), {cfg.rollout.prompts_per_iteration} prompts x "
                        f"{cfg.rollout.n} samples, {cfg.rollout.max_tokens} tokens",
-            "policy lineage": run_card.lineage(cfg.model.pretrained)}
+            "policy lineage": run_card.lineage(cfg.model.pretrained),
+            **({"value model from": _critic_source(cfg)} if cfg.algorithm.estimator == "gae" else {})}
+
+
+def _critic_source(cfg) -> str:
+    from tidal.rlhf.learner import critic_init
+
+    try:
+        return f"{cfg.critic.init}: {critic_init(cfg)}"
+    except ValueError as e:
+        return str(e)
 
 
 def summarize(log: MetricsLog, result, export_dir: Optional[str], run_dir: str) -> Dict:
@@ -267,12 +282,12 @@ def run_stage(stage, cfg, log=print, on_record: Optional[Callable[[Dict], None]]
     cfg = absolute_paths(cfg)
     storage = cfg.run.storage_path or cfg.run.output_dir
     run_storage = tio.join(storage, cfg.run.name)
-    export_dir, adapter_dir = _export_dirs(cfg, storage)
+    exports = _export_dirs(cfg, storage)
     cancel = cancel or threading.Event()
     lease = run_lease.acquire(run_storage, cfg.run.name, cfg.run.lease_stale_s, cfg.run.take_over,
                               log, on_lost=lambda holder: cancel.set())
     try:
-        summary = _run(cfg, log, stage, on_record, cancel, run_storage, export_dir, adapter_dir)
+        summary = _run(cfg, log, stage, on_record, cancel, run_storage, exports)
     finally:
         run_lease.release(lease)
     if lease.lost.is_set():
@@ -281,23 +296,26 @@ def run_stage(stage, cfg, log=print, on_record: Optional[Callable[[Dict], None]]
     return summary
 
 
-def _export_dirs(cfg, storage: str) -> tuple:
-    """Where the run's exports go, refused up front if those places hold foreign files."""
+def _export_dirs(cfg, storage: str) -> Dict[str, Optional[str]]:
+    """Where the run's exports go (``export_dir``: the HF model; ``adapter_dir``: a LoRA
+    run's PEFT adapter; ``value_dir``: PPO's value model, an HF sequence classifier that
+    ``critic.init`` takes back), refused up front if those places hold foreign files."""
     from tidal.train.publish import check_destination
 
-    lora = cfg.model.lora
-    export_dir = tio.join(storage, cfg.run.name, "hf") if cfg.train.export_hf else None
-    adapter_dir = tio.join(storage, cfg.run.name, "adapter") if cfg.train.export_hf and lora.rank else None
-    if lora.rank and not lora.merge_export:
-        export_dir = None
-    for d in (export_dir, adapter_dir):
+    lora, on = cfg.model.lora, cfg.train.export_hf
+    ppo = getattr(getattr(cfg, "algorithm", None), "estimator", None) == "gae"
+    exports = {"export_dir": tio.join(storage, cfg.run.name, "hf") if on and not (lora.rank and not lora.merge_export)
+               else None,
+               "adapter_dir": tio.join(storage, cfg.run.name, "adapter") if on and lora.rank else None,
+               "value_dir": tio.join(storage, cfg.run.name, "value") if on and ppo else None}
+    for d in exports.values():
         if d:
             check_destination(d, overwrite=False, key="train.export_hf")
-    return export_dir, adapter_dir
+    return exports
 
 
 def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
-         export_dir: Optional[str], adapter_dir: Optional[str]) -> Dict:
+         exports: Dict[str, Optional[str]]) -> Dict:
     from tidal.tracking.hub import MetricsHub
 
     root = cfg.run.output_dir
@@ -318,8 +336,7 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
         yaml.safe_dump(config, f, sort_keys=False)
     hub = MetricsHub.remote()
     services, close_services = stage.start_services(cfg, manifest, use_gpu, log)
-    trainer = _trainer(cfg, stage, hub, use_gpu, storage, run_storage, data_dir, manifest,
-                       export_dir, adapter_dir, services)
+    trainer = _trainer(cfg, stage, hub, use_gpu, storage, run_storage, data_dir, manifest, exports, services)
     metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), log)
     event_log = EventLog(os.path.join(run_dir, "events.jsonl"), log)
     wandb = WandbSink(cfg.logger, cfg.run.name, run_dir, config)
@@ -337,9 +354,9 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
         poller.join(timeout=30)
         close_services()
         bar.close()
-        summary = summarize(metrics_log, result, export_dir, run_dir)
-        if adapter_dir:
-            summary["adapter"] = adapter_dir
+        summary = summarize(metrics_log, result, exports["export_dir"], run_dir)
+        summary.update({k: exports[d] for k, d in (("adapter", "adapter_dir"), ("value_export", "value_dir"))
+                        if exports[d]})
         summary["wall_time_s"] = round(time.time() - t0, 1)
         summary.update(_resilience(events, run_storage))
         summary.update(_rl_summary(metrics_log, events))
@@ -353,7 +370,7 @@ def _run(cfg, log, stage, on_record, cancel: threading.Event, run_storage: str,
 
 
 def _trainer(cfg, stage, hub, use_gpu: bool, storage: str, run_storage: str, data_dir: str,
-             manifest: Dict, export_dir: Optional[str], adapter_dir: Optional[str], services: Dict):
+             manifest: Dict, exports: Dict[str, Optional[str]], services: Dict):
     """Ray Train's TorchTrainer for the run: the stage's loop on every worker."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -361,7 +378,7 @@ def _trainer(cfg, stage, hub, use_gpu: bool, storage: str, run_storage: str, dat
     return TorchTrainer(
         stage.loop,
         train_loop_config={"cfg": cfg, "data_dir": data_dir, "hub": hub, "use_gpu": use_gpu,
-                           "export_dir": export_dir, "adapter_dir": adapter_dir,
+                           **exports,
                            "manifest_hash": manifest_hash(manifest),
                            "run_storage": run_storage, "stage": stage.name,
                            "signed": integrity.signing_key() is not None,
