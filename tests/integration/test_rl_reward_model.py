@@ -58,7 +58,7 @@ def direct(model, seqs):
 def test_the_pool_scores_as_the_model_does_and_replaces_a_dead_actor(pool, export, ray_local):
     from tidal.evaluate import load
     from tidal.rlhf.rewards import RewardScorer
-    from tidal.config.schema import RLRewardConfig
+    from tidal.config.schema_rl import RLRewardConfig
 
     seqs = sequences()
     want = direct(export[1], seqs)

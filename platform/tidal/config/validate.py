@@ -8,7 +8,8 @@ import re
 from typing import List, Optional, Tuple
 
 from tidal.config.convert import ConfigError
-from tidal.config.schema import DataConfig, ExportConfig, PrepareConfig, PretrainConfig, worker_bounds
+from tidal.config.schema import DataConfig, PretrainConfig, worker_bounds
+from tidal.config.schema_tools import ExportConfig, PrepareConfig
 from tidal.data.io import CLOUD_PREFIXES as _CLOUD
 from tidal.train.faults import parse as parse_faults
 
