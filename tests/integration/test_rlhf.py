@@ -171,6 +171,11 @@ def test_ppo_learns_and_survives_a_killed_engine_and_learner_identically(tmp_pat
     held = {"value": {"model": {k: torch.zeros_like(v) for k, v in value.items()}}}
     safe_dcp.load(held, summary["checkpoint"])
     assert "score.weight" in value and all(torch.equal(v, held["value"]["model"][k]) for k, v in value.items())
+    from tidal.train.export import export_checkpoint
+
+    again = export_checkpoint(summary["checkpoint"], str(tmp_path / "value-from-checkpoint"), part="value")
+    again = AutoModelForSequenceClassification.from_pretrained(again).state_dict()
+    assert again.keys() == value.keys() and all(torch.equal(again[k], value[k]) for k in value)
     assert "value model from | auto: " in open(os.path.join(summary["run_dir"], "run_card.md")).read()
 
     drill = rl_cfg(tmp_path, algorithm=PPO, scaling={"max_failures": 2},

@@ -249,7 +249,14 @@ def test_a_checkpoint_carries_the_companion_engine(tmp_path):
     policy.companions["value"] = value
     policy.step, value.step, value.tokens_seen = 4, 4, 99
     path = str(tmp_path / "checkpoint_0000004")
-    ckpt.save(policy, path, {"config": {}}, states={"source": {"iteration": 4}, "stage": {"kl_coef": 0.07}})
+    from transformers import AutoTokenizer
+
+    from tidal.rlhf.toy import char_model
+
+    tokenizer = str(tmp_path / "tokenizer")  # the run's tokenizer (alone), which exports carry
+    AutoTokenizer.from_pretrained(char_model(str(tmp_path / "toy"))).save_pretrained(tokenizer)
+    ckpt.save(policy, path, {"config": {}}, tokenizer_dir=tokenizer,
+              states={"source": {"iteration": 4}, "stage": {"kl_coef": 0.07}})
     raw = json.load(open(os.path.join(path, ckpt.STATE_FILE)))
     assert raw["states"]["value_engine"] == {"step": 4, "tokens_seen": 99}
     p2, v2 = engine(3), engine(4)
@@ -267,6 +274,24 @@ def test_a_checkpoint_carries_the_companion_engine(tmp_path):
     p3.companions["value"] = engine(7)
     with pytest.raises(ValueError, match="holds no value model"):
         ckpt.load(p3, str(tmp_path / "plain"))
+
+    # either model exports on its own from the (committed) checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from tidal.train import integrity
+    from tidal.train.export import export_checkpoint
+
+    for d in (path, str(tmp_path / "plain")):
+        integrity.write_rank_manifest(d, 0)
+        integrity.commit(d, 1, 4)
+    for part, engine_ in (("value", value), ("model", policy)):
+        out = export_checkpoint(path, str(tmp_path / f"{part}-export"), part=part)
+        got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        want = {k: full(v) for k, v in engine_.model.state_dict().items()}
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), part
+    with pytest.raises(FileNotFoundError, match="holds no value model .*allowed: part=model"):
+        export_checkpoint(str(tmp_path / "plain"), str(tmp_path / "nothing"), part="value")
+    assert not os.path.exists(tmp_path / "nothing")
 
 
 # ---------------------------------------------------------------------------- critic.init

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from tidal.config import TokenizerConfig
-from tidal.config.schema import PromptDataConfig
+from tidal.config.schema_rl import PromptDataConfig
 from tidal.data import DataError
 from tidal.rlhf.prompts import TOO_LONG, prepare_prompts, prompt_example, read_prompts
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from tidal.config.schema import RLRewardConfig
+from tidal.config.schema_rl import RLRewardConfig
 from tidal.rlhf.rewards import RULES, RewardError, RewardScorer, check_reward_config, load_function
 
 HERE = "tests.unit.test_rl_rewards"

@@ -4,7 +4,7 @@ preparation, export and sweeps. The training stages' schemas are in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Literal, Optional
 
 from tidal.config.schema import DataConfig, LoggerConfig, RunConfig
 
@@ -38,11 +38,12 @@ class ExportConfig:
     """Convert a tidal checkpoint directory into a Hugging Face directory."""
 
     checkpoint: str = "???"
-    output: Optional[str] = None  # default: <checkpoint>/../hf-<checkpoint name>
+    # model: the trained model; value: PPO's value model (an HF sequence classifier)
+    part: Literal["model", "value"] = "model"
+    output: Optional[str] = None  # default: <checkpoint>/../hf-<checkpoint name> (value-<name> for part=value)
     # replace an output directory that is not a tidal export (its files are moved aside to
     # <output>.replaced-<time>, never deleted); a previous tidal export is always replaceable
     overwrite: bool = False
-
 
 
 @dataclass(frozen=True)

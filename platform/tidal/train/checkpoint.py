@@ -95,6 +95,8 @@ def save(engine: Engine, path: str, meta: Dict, tokenizer_dir: Optional[str] = N
             json.dump(state, f, indent=2)
         hf_meta = os.path.join(path, HF_META)
         engine.model.config.save_pretrained(hf_meta)
+        for name, other in engine.companions.items():  # e.g. PPO's value model: exportable too
+            other.model.config.save_pretrained(f"{hf_meta}_{name}")
         if tokenizer_dir:
             for name in os.listdir(tokenizer_dir):
                 shutil.copy2(os.path.join(tokenizer_dir, name), hf_meta)

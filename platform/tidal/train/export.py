@@ -71,10 +71,12 @@ def export_hf(model: torch.nn.Module, rank: int, tokenizer_dir: str, dest: Optio
         write_hf(_plain_model(model.config, full), tokenizer_dir, dest)
 
 
-def export_checkpoint(checkpoint_dir: str, dest: str, overwrite: bool = False) -> str:
+def export_checkpoint(checkpoint_dir: str, dest: str, overwrite: bool = False, part: str = "model") -> str:
     """Convert a (sharded, any world size) tidal checkpoint to an HF directory, in this
-    process. The checkpoint is verified (commit record, digests, signature) before anything
-    in it is read; a destination an export may not replace is refused before any work."""
+    process: the trained model, or with ``part="value"`` a PPO run's value model (an HF
+    sequence classifier). The checkpoint is verified (commit record, digests, signature)
+    before anything in it is read; a destination an export may not replace is refused
+    before any work."""
     from transformers import AutoConfig
 
     from tidal.train import integrity, safe_dcp
@@ -88,6 +90,8 @@ def export_checkpoint(checkpoint_dir: str, dest: str, overwrite: bool = False) -
         checkpoint_dir = tio.local_dir(checkpoint_dir)
         integrity.require_valid(checkpoint_dir, copy=True)
     meta = os.path.join(checkpoint_dir, HF_META)
+    if part != "model":
+        return _export_companion(checkpoint_dir, meta, part, dest, overwrite)
     config = AutoConfig.from_pretrained(meta, local_files_only=True)
     with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
         run_cfg = json.load(f).get("config", {})
@@ -101,6 +105,26 @@ def export_checkpoint(checkpoint_dir: str, dest: str, overwrite: bool = False) -
     model.tie_weights()
     model.config.use_cache = True
     return write_hf(model, meta, dest, overwrite, source={"checkpoint": checkpoint_dir})
+
+
+def _export_companion(checkpoint_dir: str, meta: str, part: str, dest: str, overwrite: bool) -> str:
+    """A companion engine's model (PPO's ``value``), kept in the checkpoint under its name
+    with its config in ``hf_meta_<part>``; the tokenizer is the run's."""
+    from transformers import AutoConfig
+
+    from tidal.train import safe_dcp
+
+    own = f"{meta}_{part}"
+    if not os.path.isdir(own):
+        raise FileNotFoundError(f"checkpoint {checkpoint_dir} holds no {part} model (its run had none: only "
+                                "PPO runs have a value model); allowed: part=model")
+    config = AutoConfig.from_pretrained(own, local_files_only=True)
+    model = _auto_class(config).from_config(config, dtype=torch.float32)
+    state = {part: {"model": model.state_dict()}}
+    safe_dcp.load(state, checkpoint_dir)  # reads only that model's entries
+    model.load_state_dict(state[part]["model"])
+    model.config.use_cache = True
+    return write_hf(model, meta, dest, overwrite, source={"checkpoint": checkpoint_dir, "part": part})
 
 
 def _export_lora_checkpoint(checkpoint_dir: str, meta: str, config, run_cfg: Dict, dest: str,
