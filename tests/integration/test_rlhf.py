@@ -138,7 +138,8 @@ def test_ppo_learns_and_survives_a_killed_engine_and_learner_identically(tmp_pat
     """PPO (value model from the policy's weights, GAE, adaptive KL) learns the task; a
     second run in deterministic mode loses a rollout engine mid-generation at iteration 3
     and learner rank 1 after iteration 12 (restored from the checkpoint at 10), and its
-    rewards, losses, value losses and KL coefficients equal the uninterrupted run's."""
+    rewards, losses, value losses and KL coefficients equal the uninterrupted run's. The value
+    model is exported (at the end and from a checkpoint) and a new run goes on from it."""
     import yaml
 
     from tests.integration.conftest import events
@@ -176,6 +177,17 @@ def test_ppo_learns_and_survives_a_killed_engine_and_learner_identically(tmp_pat
     again = export_checkpoint(summary["checkpoint"], str(tmp_path / "value-from-checkpoint"), part="value")
     again = AutoModelForSequenceClassification.from_pretrained(again).state_dict()
     assert again.keys() == value.keys() and all(torch.equal(again[k], value[k]) for k in value)
+    # a new run goes on from both exports: its first rollouts are valued by the trained critic
+    # (a fresh one started at a value of ~0.1 and a loss of ~0.05 on rewards of ~0.1; on
+    # rewards of ~0.95 it would be off by ~0.8, a loss of ~0.6)
+    more = run_stage("rlhf", rl_cfg(tmp_path, algorithm=PPO, train={**det, "max_steps": 2},
+                                    model={"pretrained": summary["hf_export"]},
+                                    critic={"init": summary["value_export"]}, run={"name": "more"}),
+                     log=lambda *a: None)
+    first = next(r for r in records(more["run_dir"]) if r.get("step") == 1 and "value_mean" in r)
+    assert first["reward_mean"] >= 0.8 and abs(first["value_mean"] - recs[30]["value_mean"]) < 0.15
+    assert first["value_loss"] < 0.05, first
+    assert f"value model from | {summary['value_export']} |" in open(os.path.join(more["run_dir"], "run_card.md")).read()
     assert "value model from | auto: " in open(os.path.join(summary["run_dir"], "run_card.md")).read()
 
     drill = rl_cfg(tmp_path, algorithm=PPO, scaling={"max_failures": 2},

@@ -228,9 +228,10 @@ def _critic_source(cfg) -> str:
     from tidal.rlhf.learner import critic_init
 
     try:
-        return f"{cfg.critic.init}: {critic_init(cfg)}"
+        path = critic_init(cfg)
     except ValueError as e:
         return str(e)
+    return path if path == cfg.critic.init else f"{cfg.critic.init}: {path}"
 
 
 def summarize(log: MetricsLog, result, export_dir: Optional[str], run_dir: str) -> Dict:
