@@ -128,6 +128,9 @@ class AlgorithmConfig:
     reward_norm: bool = False
 
 
+CRITIC_INITS = ("auto", "reward", "policy")  # critic.init's keywords; anything else is a directory
+
+
 @dataclass(frozen=True)
 class CriticConfig:
     """PPO's value model: the same network with a scalar head on every token, trained in

@@ -7,6 +7,7 @@ import os
 from typing import List
 
 from tidal.config.schema import worker_bounds
+from tidal.config.schema_rl import CRITIC_INITS
 from tidal.config.validate import _check, _done, check_optim, check_post_data, check_schedule, validate_common
 
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -124,9 +125,6 @@ def _check_kl_and_critic(cfg, p: List[str]) -> None:
            f">= 0 and < train.max_steps ({cfg.train.max_steps}): the policy must train", c.warmup_iterations)
     check_optim(c.optim, "critic.optim", p, cfg.scaling.use_gpu)
     check_schedule(c.schedule, "critic.schedule", cfg.train.max_steps, p)
-
-
-CRITIC_INITS = ("auto", "reward", "policy")
 
 
 def _value_model_problems(path: str, policy_conf) -> List[str]:

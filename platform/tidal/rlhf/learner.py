@@ -39,8 +39,10 @@ def critic_init(cfg) -> str:
     """The directory PPO's value model starts from: the reward model's (``critic.init``
     reward, or auto with a reward model), the policy's, or the directory ``critic.init``
     names (an earlier run's value export)."""
+    from tidal.config.schema_rl import CRITIC_INITS
+
     c = cfg.critic.init
-    if c not in ("auto", "reward", "policy"):
+    if c not in CRITIC_INITS:
         return c
     path = cfg.reward.model if c in ("reward", "auto") and cfg.reward.model else cfg.model.pretrained
     if not path:

@@ -79,7 +79,7 @@ def export_checkpoint(checkpoint_dir: str, dest: str, overwrite: bool = False, p
     before any work."""
     from transformers import AutoConfig
 
-    from tidal.train import integrity, safe_dcp
+    from tidal.train import integrity
     from tidal.train.checkpoint import HF_META
 
     from tidal.train.publish import check_destination
@@ -98,13 +98,24 @@ def export_checkpoint(checkpoint_dir: str, dest: str, overwrite: bool = False, p
     if run_cfg.get("model", {}).get("lora", {}).get("rank"):
         check_destination(f"{dest}-adapter", overwrite)
         return _export_lora_checkpoint(checkpoint_dir, meta, config, run_cfg, dest, overwrite)
+    model = _checkpoint_model(checkpoint_dir, config)
+    return write_hf(model, meta, dest, overwrite, source={"checkpoint": checkpoint_dir})
+
+
+def _checkpoint_model(checkpoint_dir: str, config, part: Optional[str] = None) -> torch.nn.Module:
+    """A plain model built from ``config`` with the checkpoint's weights: the trained model's,
+    or those of the companion engine ``part`` (kept under its name); only those entries are
+    read."""
+    from tidal.train import safe_dcp
+
     model = _auto_class(config).from_config(config, dtype=torch.float32)
-    state = {"model": model.state_dict()}
-    safe_dcp.load(state, checkpoint_dir)  # reads only the model's entries
-    model.load_state_dict(state["model"])
+    entries = {"model": model.state_dict()}
+    state = {part: entries} if part else entries
+    safe_dcp.load(state, checkpoint_dir)
+    model.load_state_dict(entries["model"])
     model.tie_weights()
     model.config.use_cache = True
-    return write_hf(model, meta, dest, overwrite, source={"checkpoint": checkpoint_dir})
+    return model
 
 
 def _export_companion(checkpoint_dir: str, meta: str, part: str, dest: str, overwrite: bool) -> str:
@@ -112,18 +123,11 @@ def _export_companion(checkpoint_dir: str, meta: str, part: str, dest: str, over
     with its config in ``hf_meta_<part>``; the tokenizer is the run's."""
     from transformers import AutoConfig
 
-    from tidal.train import safe_dcp
-
     own = f"{meta}_{part}"
     if not os.path.isdir(own):
         raise FileNotFoundError(f"checkpoint {checkpoint_dir} holds no {part} model (its run had none: only "
                                 "PPO runs have a value model); allowed: part=model")
-    config = AutoConfig.from_pretrained(own, local_files_only=True)
-    model = _auto_class(config).from_config(config, dtype=torch.float32)
-    state = {part: {"model": model.state_dict()}}
-    safe_dcp.load(state, checkpoint_dir)  # reads only that model's entries
-    model.load_state_dict(state[part]["model"])
-    model.config.use_cache = True
+    model = _checkpoint_model(checkpoint_dir, AutoConfig.from_pretrained(own, local_files_only=True), part)
     return write_hf(model, meta, dest, overwrite, source={"checkpoint": checkpoint_dir, "part": part})
 
 

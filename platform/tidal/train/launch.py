@@ -115,9 +115,11 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     out = replace(cfg, run=run, data=replace(cfg.data, output_dir=fix(cfg.data.output_dir)),
                   model=replace(cfg.model, pretrained=fix(cfg.model.pretrained)))
     if hasattr(cfg, "critic"):  # RL: the reward model's and the value model's directories
+        from tidal.config.schema_rl import CRITIC_INITS
+
         reward, init = cfg.reward.model, cfg.critic.init
         out = replace(out, reward=replace(cfg.reward, model=reward if reward in (None, "auto") else fix(reward)),
-                      critic=replace(cfg.critic, init=init if init in ("auto", "reward", "policy") else fix(init)))
+                      critic=replace(cfg.critic, init=init if init in CRITIC_INITS else fix(init)))
     return out
 
 
